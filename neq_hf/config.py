@@ -1,0 +1,134 @@
+"""Configuration of neuronal-equilibrium (NEq) freezing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Union
+
+UNIT_KINDS = ("heads", "neurons")
+
+
+@dataclass
+class NEqConfig:
+    r"""
+    Settings of NEq freezing (Bragagnolo et al., "To update or not to update? Neurons at equilibrium in deep models",
+    NeurIPS 2022), usable on the command line through [`~transformers.HfArgumentParser`].
+
+    Parameters:
+        > Equilibrium criterion
+
+        eps (`float`, defaults to `1e-3`):
+            A unit is at equilibrium when the magnitude of its velocity `|v|` is below `eps`.
+        mu (`float`, defaults to `0.5`):
+            Momentum of the velocity: `v_t = dphi_t - mu * v_{t-1}`.
+        warmup (`int`, defaults to `1`):
+            Checks after the reference check during which no unit is frozen. At least 1: the velocity needs two
+            similarities, so the first check after the reference can never decide.
+        pin_frozen (`bool`, defaults to `False`):
+            Keep a unit frozen for good once frozen. By default every check re-decides, so a frozen unit whose
+            output starts moving again is released.
+
+        > Held-out split and schedule
+
+        check_every (`str` or `int`, defaults to `"50"`):
+            When to run the held-out check: `"epoch"`, or a number of optimizer steps.
+        holdout_size (`float`, defaults to `0.01`):
+            Size of the held-out split carved from the training set: a fraction in (0, 1), or a number of samples
+            (>= 1). Ignored when a held-out dataset is given explicitly.
+        holdout_batch_size (`int` or `None`, defaults to `None`):
+            Batch size of the held-out pass; `None` uses `per_device_eval_batch_size`.
+        seed (`int`, defaults to `42`):
+            Seed of the held-out carve.
+
+        > What is tracked
+
+        unit_kinds (`list[str]`, defaults to `["heads", "neurons"]`):
+            Unit kinds that may freeze: `"heads"` (attention heads) and/or `"neurons"` (MLP neurons).
+        freeze_embeddings (`bool`, defaults to `True`):
+            Freeze the embeddings (and whatever else runs before the first layer) once every unit of the first layer
+            is frozen, so that backward can stop there. Weights tied with the task head always train.
+    """
+
+    eps: float = field(default=1e-3, metadata={"help": "Equilibrium threshold on the velocity magnitude |v|."})
+    mu: float = field(default=0.5, metadata={"help": "Velocity momentum mu in v_t = dphi_t - mu * v_{t-1} (0 <= mu < 1)."})
+    warmup: int = field(
+        default=1, metadata={"help": "Checks after the reference check before any unit may freeze (>= 1)."}
+    )
+    pin_frozen: bool = field(
+        default=False, metadata={"help": "Keep frozen units frozen for good instead of re-deciding at every check."}
+    )
+    check_every: str = field(
+        default="50", metadata={"help": "Held-out check schedule: 'epoch' or a number of optimizer steps."}
+    )
+    holdout_size: float = field(
+        default=0.01,
+        metadata={"help": "Held-out split carved from train: a fraction in (0, 1) or a sample count (>= 1)."},
+    )
+    holdout_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Batch size of the held-out pass (default: per_device_eval_batch_size)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the held-out carve."})
+    unit_kinds: list[str] = field(
+        default_factory=lambda: list(UNIT_KINDS),
+        metadata={"help": "Unit kinds that may freeze: 'heads' and/or 'neurons'."},
+    )
+    freeze_embeddings: bool = field(
+        default=True,
+        metadata={"help": "Freeze the embeddings once every unit of the first layer is frozen (backward stops there)."},
+    )
+
+    def __post_init__(self):
+        def bad(name: str, allowed: str):
+            raise ValueError(f"NEqConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
+
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps >= 0:
+            bad("eps", "expected a number >= 0 (paper: 1e-3)")
+        if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or not 0 <= self.mu < 1:
+            bad("mu", "expected a number with 0 <= mu < 1 (paper: 0.5)")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
+            bad("warmup", "expected an integer >= 1 (the velocity needs two checks after the reference)")
+        self.check_every = self._parse_check_every(self.check_every)
+        size = self.holdout_size
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
+            bad("holdout_size", "expected a fraction in (0, 1) or a sample count >= 1")
+        if isinstance(size, float) and size >= 1:
+            if not size.is_integer():
+                bad("holdout_size", "expected a fraction in (0, 1) or a whole sample count >= 1")
+            self.holdout_size = int(size)
+        if self.holdout_batch_size is not None and (
+            not isinstance(self.holdout_batch_size, int) or self.holdout_batch_size < 1
+        ):
+            bad("holdout_batch_size", "expected None or an integer >= 1")
+        if isinstance(self.unit_kinds, str):
+            self.unit_kinds = [k.strip() for k in self.unit_kinds.split(",") if k.strip()]
+        self.unit_kinds = list(self.unit_kinds)
+        if not self.unit_kinds or any(k not in UNIT_KINDS for k in self.unit_kinds):
+            bad("unit_kinds", f"expected a non-empty subset of {list(UNIT_KINDS)}")
+
+    @staticmethod
+    def _parse_check_every(value: Union[str, int]) -> Union[str, int]:
+        if isinstance(value, bool):
+            value = None
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "epoch":
+                return "epoch"
+            if text.isdigit():
+                value = int(text)
+        if isinstance(value, int) and value >= 1:
+            return value
+        raise ValueError(
+            f"NEqConfig.check_every={value!r} is invalid: expected 'epoch' or a number of optimizer steps >= 1."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "NEqConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,49 @@
+"""The NEq equations, tensor in, tensor out.
+
+For a unit i with outputs y_i^t on the held-out split at check t (paper, Sec. 3):
+
+    phi_i^t  = cos(y_i^t, y_i^{t-1})                  similarity with the previous check
+    dphi_i^t = phi_i^t - phi_i^{t-1}                  variation of the similarity
+    v_i^t    = dphi_i^t - mu * v_i^{t-1}              velocity
+    frozen   = |v_i^t| < eps                          equilibrium
+
+Checks are numbered t = 0 (the reference, taken before training: outputs only), 1, 2, ... A quantity that does not
+exist yet is NaN: ``phi`` exists from t = 1, ``dphi`` and ``v`` from t = 2, where ``v^1`` is taken as 0. A unit whose
+outputs were not finite at some check gets a NaN ``phi`` there, is not frozen, and restarts the same way (its velocity
+exists again two finite checks later). So no decision is possible before t = 2.
+
+The cosine is built from three sums that add up across data shards: ``dot = <y^t, y^{t-1}>``, ``sq_cur = |y^t|^2``
+and ``sq_prev = |y^{t-1}|^2``. With a zero vector it is defined without NaN: 1 when both vectors are zero (a dead unit
+did not change), 0 when exactly one is. Everything is computed in float32 (or wider).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def cosine_from_sums(dot: torch.Tensor, sq_prev: torch.Tensor, sq_cur: torch.Tensor) -> torch.Tensor:
+    """phi = dot / (|y_prev| |y_cur|); 1 for two zero vectors, 0 for one; NaN when the sums are not finite."""
+    dot, sq_prev, sq_cur = _float32(dot), _float32(sq_prev), _float32(sq_cur)
+    denom = torch.sqrt(sq_prev) * torch.sqrt(sq_cur)
+    phi = dot / torch.where(denom > 0, denom, torch.ones_like(denom))
+    phi = torch.where(denom > 0, phi, torch.zeros_like(phi))
+    phi = torch.where((sq_prev == 0) & (sq_cur == 0), torch.ones_like(phi), phi)
+    finite = torch.isfinite(dot) & torch.isfinite(sq_prev) & torch.isfinite(sq_cur) & torch.isfinite(phi)
+    # Rounding can push |cos| a hair above 1.
+    return torch.where(finite, phi.clamp(-1.0, 1.0), torch.full_like(phi, float("nan")))
+
+
+def velocity(phi: torch.Tensor, phi_prev: torch.Tensor, v_prev: torch.Tensor, mu: float) -> torch.Tensor:
+    """v^t = (phi^t - phi^{t-1}) - mu * v^{t-1}, with an undefined (NaN) v^{t-1} taken as 0."""
+    dphi = _float32(phi) - _float32(phi_prev)
+    return torch.where(torch.isnan(v_prev), dphi, dphi - mu * _float32(v_prev))
+
+
+def at_equilibrium(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """|v| < eps; an undefined or non-finite velocity is never at equilibrium."""
+    return torch.isfinite(v) & (v.abs() < eps)

@@ -1,0 +1,304 @@
+"""Turning unit masks into exact, cheap freezing.
+
+What a frozen unit costs nothing for, and why its parameters stay bit-identical:
+
+1. A tensor whose units are all frozen gets ``requires_grad=False`` and no ``.grad``: autograd computes no weight
+   gradient for it, and torch optimizers skip parameters without a gradient (no moment update, no weight decay, no
+   step count), so it stays bit-identical and so does its optimizer state.
+2. Backward stops below the lowest layer that still has a trainable unit: the hidden states entering that layer are
+   detached (when the embeddings freeze too, see ``NEqConfig.freeze_embeddings``), so nothing beneath is
+   back-propagated, whatever ``enable_input_require_grads()`` or tied embeddings would otherwise force.
+3. A partly frozen weight runs :class:`RowSparseGradLinear`: the forward pass is the dense one; backward computes the
+   input gradient as usual but the weight gradient only for the active rows (or columns), with exact zeros
+   elsewhere.
+4. Optimizers update whole tensors, so a partly frozen tensor's frozen rows would still move through momentum, weight
+   decay or second-moment decay. Around each optimizer step the frozen rows of the parameter and of every
+   same-shaped optimizer state (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...) are saved and written back. A
+   released unit therefore resumes from exactly the optimizer state it had when it froze.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .units import Binding, UnitMap
+
+
+class RowSparseGradLinear(torch.autograd.Function):
+    """``y = x @ W^T + b`` whose backward computes the weight gradient only for ``active`` output rows
+    (``axis_out=True``) or input columns (``axis_out=False``) of ``W``. ``transposed`` means ``W`` is stored
+    ``(in, out)`` as in transformers' ``Conv1D``. Under autocast the dense forward dtype is kept in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, active, axis_out: bool, transposed: bool):
+        dtype = None
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype) if dtype is not None else x
+            wc = weight.to(dtype) if dtype is not None else weight
+            bc = bias.to(dtype) if (dtype is not None and bias is not None) else bias
+            w_oi = wc.t() if transposed else wc
+            y = F.linear(xc, w_oi, bc)
+        ctx.save_for_backward(xc, wc, active)
+        ctx.axis_out, ctx.transposed = axis_out, transposed
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w, active = ctx.saved_tensors
+        w_oi = w.t() if ctx.transposed else w  # (out, in) view
+        grad_y = grad_y.to(x.dtype)
+        g2 = grad_y.reshape(-1, grad_y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y.matmul(w_oi)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(w.shape, dtype=ctx.weight_dtype, device=w.device)
+            gw_oi = grad_w.t() if ctx.transposed else grad_w
+            if ctx.axis_out:
+                gw_oi.index_copy_(0, active, g2.index_select(1, active).t().matmul(x2).to(ctx.weight_dtype))
+            else:
+                gw_oi.index_copy_(1, active, g2.t().matmul(x2.index_select(1, active)).to(ctx.weight_dtype))
+        if ctx.needs_input_grad[2]:
+            full = g2.sum(0)
+            if ctx.axis_out:
+                grad_b = torch.zeros(full.shape, dtype=ctx.bias_dtype, device=full.device)
+                grad_b.index_copy_(0, active, full.index_select(0, active).to(ctx.bias_dtype))
+            else:
+                grad_b = full.to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _row_sparse_forward(self, x):
+    weight = self.weight
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return self._neq_dense_forward(x)
+    out_shape = x.shape[:-1] + (weight.shape[1] if self._neq_transposed else weight.shape[0],)
+    y = RowSparseGradLinear.apply(x, weight, self.bias, self._neq_active, self._neq_axis_out, self._neq_transposed)
+    return y.reshape(out_shape)
+
+
+@dataclass
+class _Partial:
+    param: nn.Parameter
+    dim: int
+    frozen: torch.Tensor  # indices along ``dim``
+
+
+class Freezer:
+    """Applies unit masks to a model. Only parameters that were trainable when it was built are ever touched."""
+
+    def __init__(self, model: nn.Module, unit_map: UnitMap, freeze_embeddings: bool = True):
+        self.model = model
+        self.unit_map = unit_map
+        self.freeze_embeddings = freeze_embeddings
+        self.managed: dict[int, nn.Parameter] = {id(p): p for p in model.parameters() if p.requires_grad}
+        self.below: list[nn.Parameter] = []  # parameters that only run before the first layer (embeddings)
+        self._patched: dict[int, nn.Module] = {}
+        self._partials: list[_Partial] = []
+        self._saved: list[tuple[_Partial, torch.Tensor, list[tuple[str, torch.Tensor]], set]] = []
+        self._stop_handle = None
+        self.stop_layer = 0  # backward runs down to this layer's input
+
+    # -- where backward may stop ------------------------------------------------------------------------------
+    def locate_embeddings(self, model: nn.Module, run_forward) -> None:
+        """Find the parameters that only act before the first layer by watching one forward pass.
+
+        A parameter shared with a module that runs after the first layer (a tied ``lm_head``) is not one of them.
+        """
+        order, counter = {}, [0]
+        first_layer = self.unit_map.layer_list[0]
+        layer_modules = {id(m) for m in self.unit_map.layer_list.modules()}
+
+        def mark(module, *_):
+            order.setdefault(id(module), counter[0])
+            counter[0] += 1
+
+        handles = [m.register_forward_pre_hook(mark) for m in model.modules() if id(m) not in layer_modules]
+        handles.append(first_layer.register_forward_pre_hook(mark))
+        try:
+            run_forward()
+        finally:
+            for h in handles:
+                h.remove()
+        start = order.get(id(first_layer))
+        if start is None:
+            self.below = []
+            return
+        owners: dict[int, list[int]] = {}
+        for module in model.modules():
+            if id(module) in layer_modules:
+                continue
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(order.get(id(module), -1))
+        self.below = [
+            self.managed[pid]
+            for pid, seen in owners.items()
+            if pid in self.managed and all(0 <= s < start for s in seen)
+        ]
+
+    # -- applying masks ---------------------------------------------------------------------------------------
+    def apply(self, unit_active: dict[tuple[int, str], torch.Tensor]) -> None:
+        """Set requires_grad, row-sparse backward and the backward stop from ``unit_active[(layer, kind)]``."""
+        want: dict[int, bool] = {}
+        partials: list[_Partial] = []
+        layer_frozen = []
+        for layer in self.unit_map.layers:
+            active = {
+                kind: unit_active.get((layer.index, kind), torch.ones(layer.num_units(kind), dtype=torch.bool))
+                for kind in ("heads", "neurons")
+            }
+            layer_frozen.append(not any(bool(a.any()) for a in active.values()))
+            for b in layer.bindings:
+                feat = b.feature_active(active[b.kind]).to(b.weight.device)
+                n_active = int(feat.sum())
+                all_on, all_off = n_active == feat.numel(), n_active == 0
+                for p in [b.weight] + ([b.bias] if b.bias is not None else []):
+                    want[id(p)] = not all_off
+                for p in b.companions:
+                    want[id(p)] = not all_off
+                if all_on or all_off:
+                    self._unpatch(b.module)
+                    continue
+                frozen_idx = (~feat).nonzero().flatten()
+                partials.append(_Partial(b.weight, b.weight_dim(), frozen_idx))
+                if b.bias is not None:
+                    partials.append(_Partial(b.bias, 0, frozen_idx))
+                self._patch(b, feat.nonzero().flatten())
+            for p in layer.others:
+                want[id(p)] = not layer_frozen[-1]
+        embeddings_frozen = self.freeze_embeddings and layer_frozen[0]
+        for p in self.below:
+            want[id(p)] = not embeddings_frozen
+
+        for pid, trainable in want.items():
+            p = self.managed.get(pid)
+            if p is None:
+                continue  # frozen by the user: never touched
+            if p.requires_grad != trainable:
+                p.requires_grad_(trainable)
+            if not trainable:
+                p.grad = None
+        self._partials = [q for q in partials if id(q.param) in self.managed]
+
+        stop = 0
+        if self.freeze_embeddings:
+            while stop < len(layer_frozen) and layer_frozen[stop]:
+                stop += 1
+        self._set_stop(stop)
+
+    def _patch(self, b: Binding, active_idx: torch.Tensor) -> None:
+        m = b.module
+        if id(m) not in self._patched:
+            m._neq_dense_forward = m.forward
+            m.forward = types.MethodType(_row_sparse_forward, m)
+            self._patched[id(m)] = m
+        m._neq_active = active_idx
+        m._neq_axis_out = b.axis == "out"
+        m._neq_transposed = b.transposed
+
+    def _unpatch(self, m: nn.Module) -> None:
+        if self._patched.pop(id(m), None) is not None:
+            del m.forward
+            for attr in ("_neq_dense_forward", "_neq_active", "_neq_axis_out", "_neq_transposed"):
+                delattr(m, attr)
+
+    def _set_stop(self, stop: int) -> None:
+        if stop == self.stop_layer and (self._stop_handle is not None or stop == 0):
+            return
+        if self._stop_handle is not None:
+            self._stop_handle.remove()
+            self._stop_handle = None
+        self.stop_layer = stop
+        layers = self.unit_map.layer_list
+        if stop == 0:
+            return
+        checkpointing = bool(getattr(self.model, "is_gradient_checkpointing", False))
+        if stop < len(layers):
+
+            def detach_input(module, args, kwargs):
+                if args:
+                    return (_cut(args[0], checkpointing),) + tuple(args[1:]), kwargs
+                if "hidden_states" in kwargs:
+                    return args, {**kwargs, "hidden_states": _cut(kwargs["hidden_states"], checkpointing)}
+                return None
+
+            self._stop_handle = layers[stop].register_forward_pre_hook(detach_input, with_kwargs=True)
+        else:
+
+            def detach_output(module, args, output):
+                if isinstance(output, torch.Tensor):
+                    return output.detach()
+                if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+                    return (output[0].detach(),) + tuple(output[1:])
+                return None
+
+            self._stop_handle = layers[-1].register_forward_hook(detach_output)
+
+    def release(self) -> None:
+        """Undo everything: trainable again, dense forward, no backward stop."""
+        for p in self.managed.values():
+            p.requires_grad_(True)
+        for m in list(self._patched.values()):
+            self._unpatch(m)
+        self._partials = []
+        self._set_stop(0)
+
+    # -- exactness around the optimizer step ------------------------------------------------------------------
+    def before_optimizer_step(self, optimizer) -> None:
+        state = _torch_optimizer(optimizer).state
+        self._saved = []
+        for part in self._partials:
+            p = part.param
+            if p.grad is None:
+                continue
+            rows = p.detach().index_select(part.dim, part.frozen)
+            states = []
+            st = state.get(p, {})
+            for key, value in st.items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    states.append((key, value.index_select(part.dim, part.frozen)))
+            self._saved.append((part, rows, states, set(st.keys())))
+
+    @torch.no_grad()
+    def after_optimizer_step(self, optimizer) -> None:
+        state = _torch_optimizer(optimizer).state
+        for part, rows, states, had_keys in self._saved:
+            p = part.param
+            p.index_copy_(part.dim, part.frozen, rows)
+            st = state.get(p, {})
+            saved = dict(states)
+            for key, value in st.items():
+                if not (torch.is_tensor(value) and value.shape == p.shape):
+                    continue
+                if key in saved:
+                    value.index_copy_(part.dim, part.frozen, saved[key])
+                elif key not in had_keys:  # state created by this step: frozen rows keep the initial zeros
+                    value.index_fill_(part.dim, part.frozen, 0)
+        self._saved = []
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.managed.values() if p.requires_grad)
+
+
+def _cut(hidden, checkpointing: bool):
+    if not isinstance(hidden, torch.Tensor):
+        return hidden
+    out = hidden.detach()
+    # Reentrant activation checkpointing only back-propagates into a segment whose inputs require grad.
+    return out.requires_grad_(True) if checkpointing and torch.is_grad_enabled() else out
+
+
+def _torch_optimizer(optimizer):
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
