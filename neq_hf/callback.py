@@ -15,6 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.data.data_collator import default_data_collator
 
 from .config import NEqConfig
+from .distributed import check_engine, reduce_device
 from .freezing import Freezer
 from .holdout import OutputRecorder, build_holdout_loader
 from .tracker import EquilibriumTracker
@@ -84,17 +85,12 @@ class NEqTrainerCallback(TrainerCallback):
                 "carves one from train_dataset."
             )
         self._check_schedule(args, state)
+        check_engine(args, model)  # refuses engines under which frozen units would still train
         collator = self.data_collator or getattr(train_dataloader, "collate_fn", None) or default_data_collator
         batch_size = self.config.holdout_batch_size or args.per_device_eval_batch_size
         self._loader = build_holdout_loader(
             self.dataset, model, collator, batch_size, args.process_index, args.world_size
         )
-        if args.world_size > 1 and args.ddp_find_unused_parameters is False:
-            raise ValueError(
-                "NEq switches frozen parameters to requires_grad=False during training, which DDP only allows with "
-                "find_unused_parameters=True. Leave TrainingArguments.ddp_find_unused_parameters unset (the "
-                "Trainer then enables it) or set it to True."
-            )
         self._model = model
         self.unit_map = discover_units(model)
         self.freezer = Freezer(model, self.unit_map, freeze_embeddings=self.config.freeze_embeddings)
@@ -136,9 +132,7 @@ class NEqTrainerCallback(TrainerCallback):
     def _all_reduce(self, flat: torch.Tensor) -> torch.Tensor:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return flat
-        backend = dist.get_backend()
-        device = self._device() if backend == "nccl" else torch.device("cpu")
-        buf = flat.to(device)
+        buf = flat.to(reduce_device(self._device()))
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         return buf.cpu()
 

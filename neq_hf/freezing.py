@@ -222,7 +222,9 @@ class Freezer:
         layers = self.unit_map.layer_list
         if stop == 0:
             return
-        checkpointing = bool(getattr(self.model, "is_gradient_checkpointing", False))
+        checkpointing = bool(
+            getattr(self.model, "is_activation_checkpointing", None) or getattr(self.model, "gradient_checkpointing", False)
+        )
         if stop < len(layers):
 
             def detach_input(module, args, kwargs):

@@ -1,0 +1,137 @@
+"""Which rows belong to which unit, for every supported architecture."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_classifier
+from neq_hf import ArchitectureSpec, Freezer, UnsupportedModelError, discover_units, register_architecture
+from neq_hf.units import ARCHITECTURES
+
+ARCHS = ["bert", "roberta", "electra", "distilbert", "gpt2", "llama", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_discovery_counts(arch):
+    units = discover_units(tiny_classifier(arch))
+    assert len(units.layers) == 2
+    layer = units.layers[0]
+    assert (layer.num_heads, layer.head_dim, layer.num_neurons) == (4, 8, 37)
+    assert layer.num_kv_heads == (2 if arch in ("llama", "mistral", "qwen2") else 4)
+    # every trainable weight of a layer is owned by a unit or by the layer's leftovers
+    owned = {id(b.weight) for b in layer.bindings} | {id(b.bias) for b in layer.bindings if b.bias is not None}
+    owned |= {id(p) for p in layer.others}
+    assert all(id(p) in owned for p in layer.module.parameters())
+
+
+def _grads_with(model, unit_active):
+    freezer = Freezer(model, discover_units(model))
+    freezer.apply(unit_active)
+    model.zero_grad(set_to_none=True)
+    ids = torch.randint(1, 90, (3, 7))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 0])).loss.backward()
+    return freezer
+
+
+def _mask(n, frozen):
+    m = torch.ones(n, dtype=torch.bool)
+    m[list(frozen)] = False
+    return m
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "llama", "qwen2"])
+def test_frozen_rows_get_zero_grad_split_qkv(arch):
+    model = tiny_classifier(arch)
+    _grads_with(model, {(0, "heads"): _mask(4, [1]), (0, "neurons"): _mask(37, [3, 30])})
+    layer = discover_units(model).layers[0]
+    by_path = {b.name[len(layer.name) + 1 :]: b for b in layer.bindings}
+    spec = ARCHITECTURES[arch]
+    q, k, o, up, down = (by_path[path] for path in (spec.q, spec.k, spec.o, spec.up, spec.down))
+    rows = slice(8, 16)
+    assert (q.weight.grad[rows] == 0).all() and (q.weight.grad[:8].abs().sum() > 0)
+    assert (o.weight.grad[:, rows] == 0).all() and o.weight.grad[:, :8].abs().sum() > 0
+    if q.bias is not None:
+        assert (q.bias.grad[rows] == 0).all()
+    if layer.num_kv_heads < layer.num_heads:
+        # head 1 shares its K/V head with head 0, which is active: K/V rows keep training
+        assert k.weight.grad[0:8].abs().sum() > 0
+    else:
+        assert (k.weight.grad[rows] == 0).all()
+    assert (up.weight.grad[[3, 30]] == 0).all() and up.weight.grad[[0, 4]].abs().sum() > 0
+    assert (down.weight.grad[:, [3, 30]] == 0).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_grouped_kv_head_frozen_only_with_all_its_query_heads(arch):
+    model = tiny_classifier(arch)
+    _grads_with(model, {(0, "heads"): _mask(4, [2, 3])})  # both query heads of K/V group 1
+    attn = model.model.layers[0].self_attn
+    for proj in (attn.k_proj, attn.v_proj):
+        assert (proj.weight.grad[8:16] == 0).all()
+        assert proj.weight.grad[0:8].abs().sum() > 0
+    assert (attn.q_proj.weight.grad[16:32] == 0).all()
+    gate = model.model.layers[0].mlp.gate_proj
+    assert gate.weight.grad.abs().sum() > 0
+
+
+def test_gpt2_fused_qkv_columns():
+    model = tiny_classifier("gpt2")
+    _grads_with(model, {(1, "heads"): _mask(4, [0]), (1, "neurons"): _mask(37, [5])})
+    block = model.transformer.h[1]
+    g = block.attn.c_attn.weight.grad  # Conv1D: (in, 3E)
+    for offset in (0, 32, 64):
+        assert (g[:, offset : offset + 8] == 0).all()
+        assert g[:, offset + 8 : offset + 16].abs().sum() > 0
+    assert (block.attn.c_attn.bias.grad[[0, 32, 64]] == 0).all()
+    assert (block.attn.c_proj.weight.grad[0:8] == 0).all()  # Conv1D rows = input features
+    assert (block.mlp.c_fc.weight.grad[:, 5] == 0).all()
+    assert (block.mlp.c_proj.weight.grad[5] == 0).all()
+
+
+def test_fully_frozen_layer_gets_no_grad_and_backward_stops():
+    model = tiny_classifier("bert")
+    freezer = _grads_with(model, {(0, "heads"): _mask(4, range(4)), (0, "neurons"): _mask(37, range(37))})
+    layer0 = model.bert.encoder.layer[0]
+    assert all(p.grad is None and not p.requires_grad for p in layer0.parameters())
+    assert all(p.grad is None for p in model.bert.embeddings.parameters())
+    assert freezer.stop_layer == 1
+    assert all(p.grad is not None for p in model.bert.encoder.layer[1].parameters())
+    assert model.classifier.weight.grad is not None
+
+
+def test_release_restores_everything():
+    model = tiny_classifier("bert")
+    freezer = _grads_with(model, {(0, "heads"): _mask(4, range(4)), (0, "neurons"): _mask(37, range(37))})
+    freezer.release()
+    assert all(p.requires_grad for p in model.parameters())
+    assert freezer.stop_layer == 0
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+
+
+def test_unsupported_model_error_says_how_to_register():
+    with pytest.raises(UnsupportedModelError, match="register_architecture"):
+        discover_units(Custom())
+
+
+def test_register_custom_architecture():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
+    model.config.model_type = "my-bert"
+    try:
+        register_architecture("my-bert", ARCHITECTURES["bert"])
+        assert discover_units(model).layers[0].num_heads == 2
+    finally:
+        ARCHITECTURES.pop("my-bert")
+
+
+def test_spec_requires_q_k_v_or_fused():
+    with pytest.raises(ValueError, match="qkv"):
+        ArchitectureSpec(layers="h", o="o", up="u", down="d", q="q")
