@@ -12,15 +12,17 @@ What a frozen unit costs nothing for, and why its parameters stay bit-identical:
    input gradient as usual but the weight gradient only for the active rows (or columns), with exact zeros
    elsewhere.
 4. Optimizers update whole tensors, so a partly frozen tensor's frozen rows would still move through momentum, weight
-   decay or second-moment decay. Around each optimizer step the frozen rows of the parameter and of every
-   same-shaped optimizer state (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...) are saved and written back. A
-   released unit therefore resumes from exactly the optimizer state it had when it froze.
+   decay or second-moment decay. The frozen rows of the parameter and of every same-shaped optimizer state
+   (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...) are copied when they freeze and written back after every
+   optimizer step. A released unit therefore resumes from exactly the optimizer state it had when it froze. The
+   copies cost memory: (1 + number of such states) x the frozen rows of partly frozen tensors.
 """
 
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,9 +91,16 @@ def _row_sparse_forward(self, x):
 
 @dataclass
 class _Partial:
+    """A partly frozen tensor: its frozen indices along ``dim`` and their values when they froze."""
+
     param: nn.Parameter
     dim: int
-    frozen: torch.Tensor  # indices along ``dim``
+    frozen: torch.Tensor
+    rows: torch.Tensor
+    # optimizer state rows, taken at the first optimizer step after freezing (None: not taken yet); state created
+    # later (``known`` lacks its key) keeps the initial zeros in frozen rows.
+    states: Optional[dict[str, torch.Tensor]] = None
+    known: set = field(default_factory=set)
 
 
 class Freezer:
@@ -105,7 +114,6 @@ class Freezer:
         self.below: list[nn.Parameter] = []  # parameters that only run before the first layer (embeddings)
         self._patched: dict[int, nn.Module] = {}
         self._partials: list[_Partial] = []
-        self._saved: list[tuple[_Partial, torch.Tensor, list[tuple[str, torch.Tensor]], set]] = []
         self._stop_handle = None
         self.stop_layer = 0  # backward runs down to this layer's input
 
@@ -170,9 +178,9 @@ class Freezer:
                     self._unpatch(b.module)
                     continue
                 frozen_idx = (~feat).nonzero().flatten()
-                partials.append(_Partial(b.weight, b.weight_dim(), frozen_idx))
+                partials.append(_snapshot(b.weight, b.weight_dim(), frozen_idx))
                 if b.bias is not None:
-                    partials.append(_Partial(b.bias, 0, frozen_idx))
+                    partials.append(_snapshot(b.bias, 0, frozen_idx))
                 self._patch(b, feat.nonzero().flatten())
             for p in layer.others:
                 want[id(p)] = not layer_frozen[-1]
@@ -256,40 +264,41 @@ class Freezer:
         self._set_stop(0)
 
     # -- exactness around the optimizer step ------------------------------------------------------------------
+    @torch.no_grad()
     def before_optimizer_step(self, optimizer) -> None:
         state = _torch_optimizer(optimizer).state
-        self._saved = []
         for part in self._partials:
-            p = part.param
-            if p.grad is None:
-                continue
-            rows = p.detach().index_select(part.dim, part.frozen)
-            states = []
-            st = state.get(p, {})
-            for key, value in st.items():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    states.append((key, value.index_select(part.dim, part.frozen)))
-            self._saved.append((part, rows, states, set(st.keys())))
+            if part.states is None:  # first step since these rows froze: their optimizer state is still theirs
+                st = state.get(part.param, {})
+                part.states = {k: st[k].index_select(part.dim, part.frozen) for k in _row_state_keys(st, part.param)}
+                part.known = set(st)
 
     @torch.no_grad()
     def after_optimizer_step(self, optimizer) -> None:
         state = _torch_optimizer(optimizer).state
-        for part, rows, states, had_keys in self._saved:
+        for part in self._partials:
             p = part.param
-            p.index_copy_(part.dim, part.frozen, rows)
+            p.index_copy_(part.dim, part.frozen, part.rows)
             st = state.get(p, {})
-            saved = dict(states)
-            for key, value in st.items():
-                if not (torch.is_tensor(value) and value.shape == p.shape):
-                    continue
-                if key in saved:
-                    value.index_copy_(part.dim, part.frozen, saved[key])
-                elif key not in had_keys:  # state created by this step: frozen rows keep the initial zeros
-                    value.index_fill_(part.dim, part.frozen, 0)
-        self._saved = []
+            for key in _row_state_keys(st, p):
+                saved = part.states.get(key) if part.states is not None else None
+                if saved is not None:
+                    st[key].index_copy_(part.dim, part.frozen, saved)
+                elif part.states is not None and key not in part.known:
+                    # state created by this very step: frozen rows keep the initial zeros
+                    st[key].index_fill_(part.dim, part.frozen, 0)
+                    part.states[key] = st[key].index_select(part.dim, part.frozen)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.managed.values() if p.requires_grad)
+
+
+def _snapshot(param: nn.Parameter, dim: int, frozen: torch.Tensor) -> _Partial:
+    return _Partial(param, dim, frozen, param.detach().index_select(dim, frozen))
+
+
+def _row_state_keys(state: dict, param: torch.Tensor) -> list[str]:
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape]
 
 
 def _cut(hidden, checkpointing: bool):
