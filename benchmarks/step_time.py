@@ -220,6 +220,41 @@ def run_length(base_model, args: TrainingArguments, cfg: Args, seq_len: int) -> 
     return rows
 
 
+def held_out_check_cost(base_model, cfg: Args, seq_len: int, samples: int = 256, batch_size: int = 64) -> dict:
+    """Seconds of one held-out check (``samples`` sequences) and the memory of the stored reference outputs."""
+    from neq_hf import NEqConfig
+    from neq_hf.holdout import OutputRecorder, build_holdout_loader
+    from neq_hf.tracker import EquilibriumTracker
+
+    model = copy.deepcopy(base_model)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    data = [
+        {"input_ids": ids, "attention_mask": [1] * seq_len}
+        for ids in torch.randint(1000, model.config.vocab_size, (samples, seq_len), generator=gen).tolist()
+    ]
+
+    def collate(rows):
+        return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+    units = discover_units(model)
+    config = NEqConfig()
+    tracker = EquilibriumTracker(units, config)
+    recorder = OutputRecorder(units, config.unit_kinds)
+    loader = build_holdout_loader(data, model, collate, batch_size)
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        tracker.check(lambda on_batch: recorder.run(model, loader, device, on_batch))
+        seconds.append(time.perf_counter() - start)
+    return {
+        "samples": samples,
+        "seq_len": seq_len,
+        "check_seconds_median": statistics.median(seconds[1:]),
+        "reference_megabytes": tracker.reference_bytes() / 2**20,
+    }
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
@@ -244,6 +279,14 @@ def markdown(results: dict) -> str:
                 f"{row['trainable_parameters'] / 1e6:.1f}M |"
             )
     lines.append("")
+    check = results.get("held_out_check")
+    if check:
+        plain = results["lengths"][str(check["seq_len"])]["plain"]["step_seconds_median"]
+        lines.append(
+            f"One held-out check over {check['samples']} sequences of {check['seq_len']} tokens takes "
+            f"{check['check_seconds_median']:.2f} s ({check['check_seconds_median'] / plain:.2f} plain training steps) "
+            f"and keeps {check['reference_megabytes']:.1f} MB of reference outputs."
+        )
     lines.append(
         "Plain step: "
         + ", ".join(f"{seq} tokens {rows['plain']['step_seconds_median']:.3f} s" for seq, rows in results["lengths"].items())
@@ -292,6 +335,8 @@ def main(argv=None) -> dict:
     for seq in [int(s) for s in cfg.seq_lengths.split(",")]:
         results["lengths"][str(seq)] = run_length(base, args, cfg, seq)
         print(markdown({**results, "lengths": {str(seq): results["lengths"][str(seq)]}}), flush=True)
+    first = int(cfg.seq_lengths.split(",")[0])
+    results["held_out_check"] = held_out_check_cost(base, cfg, first)
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "step_time.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -184,12 +184,13 @@ class NEqTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self._args = args
         self._train_start = time.perf_counter()
-        if self._model is not model or self.tracker is None:
+        resuming = state.global_step > 0
+        if not resuming or self._model is not model or self.tracker is None:
             self._setup(args, state, model, train_dataloader)
-        if state.global_step > 0 and self._load(args, state):
+        if resuming and self._load(args, state):
             self.freezer.apply(self.tracker.unit_active())
-        elif self.tracker.t == 0:
-            self.run_check(state)
+        else:
+            self.run_check(state)  # the reference outputs (check 0)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -146,7 +146,9 @@ def _ddp_find_unused_parameters(args: Any, model: Optional[nn.Module]) -> bool:
     explicit = getattr(args, "ddp_find_unused_parameters", None)
     if explicit is not None:
         return bool(explicit)
-    checkpointing = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
+    checkpointing = bool(
+        getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+    )
     if model is not None and hasattr(model, "is_activation_checkpointing"):
         checkpointing = checkpointing or bool(model.is_activation_checkpointing)
     try:
@@ -181,7 +183,11 @@ def check_engine(args: Any, model: Optional[nn.Module] = None) -> Engine:
         kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
             args, "gradient_checkpointing_kwargs", None
         )
-        if isinstance(kwargs, dict) and kwargs.get("use_reentrant") and getattr(args, "activation_checkpointing", False):
+        if (
+            isinstance(kwargs, dict)
+            and kwargs.get("use_reentrant")
+            and getattr(args, "activation_checkpointing", False)
+        ):
             raise ValueError(
                 "NEq under DDP needs find_unused_parameters=True, which reentrant activation checkpointing does not "
                 'support. Use activation_checkpointing_kwargs={"use_reentrant": False} (the transformers default).'

@@ -135,3 +135,49 @@ def test_register_custom_architecture():
 def test_spec_requires_q_k_v_or_fused():
     with pytest.raises(ValueError, match="qkv"):
         ArchitectureSpec(layers="h", o="o", up="u", down="d", q="q")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_input_require_grads_does_not_force_backward_through_frozen_layers(checkpointing):
+    model = tiny_classifier("bert")
+    if checkpointing:
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.enable_input_require_grads()
+    reached = []
+
+    def watch(module, args, output):
+        if output.requires_grad:
+            output.register_hook(lambda g: reached.append(True))
+
+    model.bert.encoder.layer[0].register_forward_hook(watch)
+    freezer = Freezer(model, discover_units(model))
+    freezer.locate_embeddings(model, lambda: model(input_ids=torch.randint(1, 90, (2, 5))))
+    model.train()
+    model(input_ids=torch.randint(1, 90, (3, 7)), labels=torch.tensor([0, 1, 0])).loss.backward()
+    assert reached, "without NEq, backward reaches layer 0"
+    reached.clear()
+    model.zero_grad(set_to_none=True)
+    freezer.apply({(0, "heads"): _mask(4, range(4)), (0, "neurons"): _mask(37, range(37))})
+    model(input_ids=torch.randint(1, 90, (3, 7)), labels=torch.tensor([0, 1, 0])).loss.backward()
+    assert not reached, "backward went through the frozen first layer"
+    layer1 = model.bert.encoder.layer[1]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer1.parameters())
+    assert all(p.grad is None for p in model.bert.embeddings.parameters())
+
+
+def test_tied_embeddings_keep_training_through_the_head():
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    freezer = Freezer(model, discover_units(model))
+    freezer.locate_embeddings(model, lambda: model(input_ids=torch.randint(1, 90, (2, 5))))
+    assert all(p is not model.lm_head.weight for p in freezer.below)
+    freezer.apply({(i, k): torch.zeros(4 if k == "heads" else 37, dtype=torch.bool)
+                   for i in range(2) for k in ("heads", "neurons")})
+    ids = torch.randint(1, 90, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.lm_head.weight.grad is not None
+    assert all(p.grad is None for p in model.model.layers.parameters())
