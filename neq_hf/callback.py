@@ -281,6 +281,7 @@ class NEqTrainerCallback(TrainerCallback):
         if not checks:
             return out
         last = checks[-1]
+        out["final_trainable_parameters"] = last["trainable_parameters"]
         out["final_frozen_fraction"] = last["frozen_fraction"]
         out["average_frozen_fraction"] = sum(h["frozen_fraction"] for h in checks) / len(checks)
         for kind in kinds:

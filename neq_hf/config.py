@@ -38,8 +38,8 @@ class NEqConfig:
             (>= 1). Ignored when a held-out dataset is given explicitly.
         holdout_batch_size (`int` or `None`, defaults to `None`):
             Batch size of the held-out pass; `None` uses `per_device_eval_batch_size`.
-        seed (`int`, defaults to `42`):
-            Seed of the held-out carve.
+        holdout_seed (`int`, defaults to `42`):
+            Seed of the held-out carve (named apart from `TrainingArguments.seed` so both parse on one command line).
 
         > What is tracked
 
@@ -68,7 +68,7 @@ class NEqConfig:
     holdout_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Batch size of the held-out pass (default: per_device_eval_batch_size)."}
     )
-    seed: int = field(default=42, metadata={"help": "Seed of the held-out carve."})
+    holdout_seed: int = field(default=42, metadata={"help": "Seed of the held-out carve."})
     unit_kinds: list[str] = field(
         default_factory=lambda: list(UNIT_KINDS),
         metadata={"help": "Unit kinds that may freeze: 'heads' and/or 'neurons'."},
@@ -131,4 +131,7 @@ class NEqConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "NEqConfig":
         known = {f.name for f in fields(cls)}
+        data = dict(data)
+        if "seed" in data and "holdout_seed" not in data:  # the field's former name
+            data["holdout_seed"] = data.pop("seed")
         return cls(**{k: v for k, v in data.items() if k in known})

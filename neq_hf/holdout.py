@@ -10,6 +10,7 @@ e.g. 256 samples of MiniLM-L6 (6 x (384 + 1536)): 11.8 MB. In a multi-process ru
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Callable, Optional, Union
 
@@ -94,9 +95,19 @@ def build_holdout_loader(
             "as the training set."
         )
     shard = Subset(dataset, list(range(process_index, len(dataset), num_processes)))
+    if getattr(collator, "padding_free", False) and dataclasses.is_dataclass(collator):
+        # Outputs are pooled per sample: trl's padding-free collators pack a whole batch into one sequence.
+        collator = dataclasses.replace(collator, padding_free=False)
 
     def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = collator([{k: f[k] for k in keep} for f in features])
+        rows = next((v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), len(features))
+        if rows != len(features):
+            raise ValueError(
+                f"The NEq held-out collator turned {len(features)} samples into {rows} rows (a padding-free or "
+                "packing collator?), but unit outputs are pooled per sample. Pass a padding collator to "
+                "NEqTrainerCallback(data_collator=...)."
+            )
         return {k: v for k, v in batch.items() if k in accepted}
 
     return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)

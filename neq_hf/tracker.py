@@ -88,7 +88,7 @@ class EquilibriumTracker:
         per_layer = {kind: [] for kind in kinds}
         frozen_total = units_total = 0
         for (layer, kind), mask in self.frozen.items():
-            per_layer[kind].append(float(mask.float().mean()))
+            per_layer[kind].append(int(mask.sum()) / mask.numel())
             frozen_total += int(mask.sum())
             units_total += mask.numel()
         figures = {

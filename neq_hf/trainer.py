@@ -47,7 +47,7 @@ class NEqTrainer(Trainer):
             if self.train_dataset is None:
                 raise ValueError("NEqTrainer needs a train_dataset (or an explicit neq_dataset) to carve a held-out split.")
             self.train_dataset, neq_dataset = split_holdout(
-                self.train_dataset, self.neq_config.holdout_size, self.neq_config.seed
+                self.train_dataset, self.neq_config.holdout_size, self.neq_config.holdout_seed
             )
         self.neq_dataset = neq_dataset
         self.neq_callback = NEqTrainerCallback(self.neq_config, neq_dataset, data_collator=self.data_collator)
@@ -67,3 +67,27 @@ class NEqTrainer(Trainer):
     def neq_summary(self) -> dict:
         """Frozen fractions (final and average, per kind and layer) and the cost of the held-out checks."""
         return self.neq_callback.summary()
+
+    def create_model_card(
+        self, *args, neq_time_ratio: Optional[float] = None, neq_results: Optional[dict] = None, **kwargs
+    ) -> None:
+        """Write the Trainer's model card, then add the NEq tags, metadata and section (rank 0 only, idempotent).
+
+        Takes the arguments of [`~transformers.Trainer.create_model_card`], plus:
+
+        Args:
+            neq_time_ratio (`float`, *optional*): measured training time of this run over that of a baseline run.
+            neq_results (`dict`, *optional*): results of the run (e.g. `examples/glue.py`'s `results.json`):
+                `metrics` with `dataset`, `dataset_config`, `dataset_split` fill the model-index; `time_ratio` and
+                `time_ratio_baseline` are used when `neq_time_ratio` is not given.
+        """
+        if not self.is_world_process_zero():
+            return
+        import inspect
+
+        from .model_card import model_card_tags, update_trainer_model_card
+
+        arguments = inspect.signature(super().create_model_card).bind(*args, **kwargs).arguments
+        arguments["tags"] = model_card_tags(self.model, arguments.get("tags"))
+        super().create_model_card(**arguments)
+        update_trainer_model_card(self, arguments, time_ratio=neq_time_ratio, results=neq_results)

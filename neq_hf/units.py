@@ -203,15 +203,22 @@ def _base_layer(module: nn.Module) -> nn.Module:
     return _unwrap(get_base() if callable(get_base) else module)
 
 
-def _lora_pairs(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """(lora_A, lora_B) of each active adapter of a peft LoRA layer; empty for anything else."""
+def _lora_pairs(module: nn.Module) -> list[tuple[nn.Module, nn.Module, list[nn.Parameter]]]:
+    """(lora_A, lora_B, other parameters of the adapter such as DoRA's magnitude) of each active adapter of a peft
+    LoRA layer; empty for anything else."""
     lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
     if not isinstance(lora_a, nn.ModuleDict) or not isinstance(lora_b, nn.ModuleDict):
         return []
     active = getattr(module, "active_adapters", None) or list(lora_a.keys())
     if isinstance(active, str):
         active = [active]
-    return [(lora_a[n], lora_b[n]) for n in active if n in lora_a and n in lora_b]
+    magnitude = getattr(module, "lora_magnitude_vector", None)
+    magnitude = magnitude if isinstance(magnitude, nn.ModuleDict) else {}
+    return [
+        (lora_a[n], lora_b[n], list(magnitude[n].parameters()) if n in magnitude else [])
+        for n in active
+        if n in lora_a and n in lora_b
+    ]
 
 
 def _features(module: nn.Module, axis: str) -> int:
@@ -361,8 +368,9 @@ def discover_units(model: nn.Module) -> UnitMap:
                 bindings.append(
                     Binding(f"{layer_name}.{path}", base, axis, kind, units, with_bias=axis == "out")
                 )
-            for lora_a, lora_b in _lora_pairs(module):
-                # A LoRA update B @ A: output features are rows of B, input features columns of A.
+            for lora_a, lora_b, extra in _lora_pairs(module):
+                # A LoRA update B @ A: output features are rows of B, input features columns of A. DoRA's magnitude
+                # (one entry per output feature) freezes with the whole module, not per unit.
                 per_unit, whole = (lora_b, lora_a) if axis == "out" else (lora_a, lora_b)
                 bindings.append(
                     Binding(
@@ -372,7 +380,7 @@ def discover_units(model: nn.Module) -> UnitMap:
                         kind,
                         units,
                         with_bias=axis == "out" and getattr(per_unit, "bias", None) is not None,
-                        companions=[p for p in whole.parameters() if p.requires_grad],
+                        companions=[p for p in [*whole.parameters(), *extra] if p.requires_grad],
                     )
                 )
         owned = set()

@@ -1,0 +1,399 @@
+"""Compare full fine-tuning, NEq, LoRA and NEq + LoRA on GLUE with `examples/glue.py`, and tabulate the results.
+
+Every run is `examples/glue.py` in a subprocess of its own (clean memory and timing) and leaves
+`<results_dir>/<task>_<method>_seed<k>.json`; runs whose file exists are skipped, so an interrupted grid resumes where
+it stopped. The Markdown table (`benchmarks/results/glue.md`) is generated from those files only.
+
+    python benchmarks/glue_compare.py                          # the whole grid: hours on a CPU
+    python benchmarks/glue_compare.py --tasks rte --methods full neq --seeds 0
+    python benchmarks/glue_compare.py --table_only --readme    # regenerate the table and the README block
+
+Same seed, epochs, batch size and sequence length for every method; the learning rate is per method (LoRA needs a
+larger one). The ratio of backward FLOPs is measured by `benchmarks/step_time.py`, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "examples", "glue.py")
+METHODS = ("full", "lora", "neq", "neq_lora")  # baselines first: NEq runs record their time ratio to them
+BASELINE = {"neq": "full", "neq_lora": "lora"}
+TASKS = ("sst2", "mrpc", "rte")
+DEFAULT_SEEDS = {"sst2": [0], "mrpc": [0, 1], "rte": [0, 1]}
+DEFAULT_TRAIN_CAPS = {"sst2": 4000}
+TASK_TITLES = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "qnli": "QNLI", "cola": "CoLA", "stsb": "STS-B"}
+METRIC_TITLES = {
+    "accuracy": "acc",
+    "f1": "F1",
+    "matthews_correlation": "MCC",
+    "pearson": "Pearson",
+    "spearmanr": "Spearman",
+}
+SOURCES = {"glue_dir": "the original GLUE TSV files (--glue_dir)", "hub": "nyu-mll/glue from the Hub"}
+README_START, README_END = "<!-- glue-results:start -->", "<!-- glue-results:end -->"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), help="GLUE tasks (folders of --glue_dir).")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, help="Seeds for every task (default: SST-2 0; MRPC, RTE 0 1).")
+    p.add_argument("--model", default="minilm", help="--model_name_or_path of glue.py (default: packaged MiniLM).")
+    p.add_argument(
+        "--glue_dir",
+        default=os.path.join(os.path.dirname(ROOT), "shared", "data", "glue"),
+        help="Folder of GLUE TSV files (default: ../shared/data/glue); '' loads nyu-mll/glue from the Hub instead.",
+    )
+    p.add_argument(
+        "--max_train_samples", type=int, help="Training cap for every task (default: SST-2 4000, others uncapped)."
+    )
+    p.add_argument("--max_eval_samples", type=int, help="Validation cap (default: the whole dev set).")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--lr_full", type=float, default=5e-5, help="Learning rate of full and neq.")
+    p.add_argument("--lr_lora", type=float, default=5e-4, help="Learning rate of lora and neq_lora.")
+    p.add_argument("--lora_r", type=int, default=8)
+    p.add_argument("--lora_alpha", type=int, default=16)
+    p.add_argument("--eps", type=float, default=1e-3, help="NEq eps.")
+    p.add_argument("--check_every", default="20", help="NEq held-out check interval (steps, or 'epoch').")
+    p.add_argument("--holdout_size", type=float, default=128, help="NEq held-out split (samples or fraction).")
+    p.add_argument("--extra_args", default="", help="More glue.py arguments for every run, as one quoted string.")
+    p.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results", "glue"))
+    p.add_argument("--table", default=os.path.join(ROOT, "benchmarks", "results", "glue.md"))
+    p.add_argument(
+        "--runs_dir",
+        default=os.path.join(tempfile.gettempdir(), "neq_hf_glue_runs"),
+        help="Output dirs and logs of the runs (model cards, heatmaps); only the results JSON is kept in results_dir.",
+    )
+    p.add_argument("--table_only", action="store_true", help="Only regenerate the table from existing results.")
+    p.add_argument(
+        "--readme",
+        nargs="?",
+        const=os.path.join(ROOT, "README.md"),
+        help=f"Also replace the block between {README_START} and {README_END} in this README (default: the repo's).",
+    )
+    p.add_argument("--dry_run", action="store_true", help="Print the commands of the missing runs, run nothing.")
+    return p.parse_args(argv)
+
+
+# -- running --------------------------------------------------------------------------------------------------------
+def result_path(results_dir: str, task: str, method: str, seed: int) -> str:
+    return os.path.join(results_dir, f"{task}_{method}_seed{seed}.json")
+
+
+def learning_rate(args: argparse.Namespace, method: str) -> float:
+    return args.lr_lora if "lora" in method else args.lr_full
+
+
+def run_command(args: argparse.Namespace, task: str, method: str, seed: int, output_dir: str) -> list[str]:
+    """The glue.py command line of one run."""
+    cmd = [
+        sys.executable, EXAMPLE,
+        "--model_name_or_path", args.model,
+        "--task_name", task,
+        "--method", method,
+        "--output_dir", output_dir,
+        "--seed", str(seed),
+        "--learning_rate", str(learning_rate(args, method)),
+        "--num_train_epochs", str(args.epochs),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_eval_batch_size", str(args.eval_batch_size),
+        "--max_seq_length", str(args.max_seq_length),
+        "--eval_strategy", "no",
+        "--save_strategy", "no",
+        "--save_model", "false",
+        "--report_to", "none",
+        "--logging_steps", "25",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    if args.glue_dir:
+        cmd += ["--glue_dir", args.glue_dir]
+    cap = args.max_train_samples if args.max_train_samples is not None else DEFAULT_TRAIN_CAPS.get(task)
+    if cap is not None:
+        cmd += ["--max_train_samples", str(cap)]
+    if args.max_eval_samples is not None:
+        cmd += ["--max_eval_samples", str(args.max_eval_samples)]
+    if "lora" in method:
+        cmd += ["--lora_r", str(args.lora_r), "--lora_alpha", str(args.lora_alpha)]
+    if method.startswith("neq"):
+        cmd += [
+            "--eps",
+            str(args.eps),
+            "--check_every",
+            str(args.check_every),
+            "--holdout_size",
+            f"{args.holdout_size:g}",
+        ]
+        baseline = result_path(args.results_dir, task, BASELINE[method], seed)
+        if os.path.isfile(baseline):
+            cmd += ["--baseline_results", baseline]
+    return cmd + shlex.split(args.extra_args)
+
+
+def harness_command(argv: list[str]) -> str:
+    return "python benchmarks/glue_compare.py" + "".join(f" {shlex.quote(a)}" for a in argv)
+
+
+def run_grid(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """Run the missing runs; returns the names of those that failed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    if args.glue_dir and not os.path.isdir(args.glue_dir):
+        raise FileNotFoundError(
+            f"--glue_dir {args.glue_dir} does not exist: point it at the GLUE TSV files, or pass --glue_dir '' to "
+            "load nyu-mll/glue from the Hub."
+        )
+    os.makedirs(args.results_dir, exist_ok=True)
+    os.makedirs(args.runs_dir, exist_ok=True)
+    failed = []
+    for task in args.tasks:
+        for seed in args.seeds if args.seeds is not None else DEFAULT_SEEDS.get(task, [0]):
+            for method in (m for m in METHODS if m in args.methods):
+                name = f"{task}_{method}_seed{seed}"
+                target = result_path(args.results_dir, task, method, seed)
+                if os.path.isfile(target):
+                    print(f"[skip] {name}: {os.path.relpath(target, ROOT)} exists")
+                    continue
+                output_dir = os.path.join(args.runs_dir, name)
+                cmd = run_command(args, task, method, seed, output_dir)
+                if args.dry_run:
+                    print(shlex.join(cmd))
+                    continue
+                shutil.rmtree(output_dir, ignore_errors=True)
+                log_path = os.path.join(args.runs_dir, f"{name}.log")
+                print(f"[run ] {name} (log: {log_path})", flush=True)
+                start = time.perf_counter()
+                with open(log_path, "w") as log:
+                    code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                elapsed = time.perf_counter() - start
+                produced = os.path.join(output_dir, "results.json")
+                if code != 0 or not os.path.isfile(produced):
+                    with open(log_path) as log:
+                        tail = log.read()[-3000:]
+                    print(f"[FAIL] {name} (exit code {code}, {elapsed:.0f} s); end of its log:\n{tail}", flush=True)
+                    failed.append(name)
+                    continue
+                with open(produced) as f:
+                    result = json.load(f)
+                result["harness"] = {"command": harness_command(argv), "run_seconds": elapsed}
+                with open(target + ".tmp", "w") as f:
+                    json.dump(result, f, indent=2)
+                os.replace(target + ".tmp", target)  # a half-written file would be skipped as done on resume
+                metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+                print(
+                    f"[done] {name}: {metrics}; train {result['train_runtime']:.1f} s; run {elapsed:.0f} s", flush=True
+                )
+    return failed
+
+
+# -- table ----------------------------------------------------------------------------------------------------------
+def load_results(results_dir: str) -> list[dict]:
+    results = []
+    for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(results_dir, name)) as f:
+                results.append(json.load(f))
+    return results
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    text = f"{_mean(values) * scale:.{digits}f}"
+    # ± is the sample standard deviation over seeds; one seed has none.
+    return text + (f" ± {statistics.stdev(values) * scale:.{digits}f}" if len(values) > 1 else "")
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def _ratio(runs: list[dict], baseline: list[dict]) -> Optional[float]:
+    if not runs or not baseline:
+        return None
+    return _mean([r["train_runtime"] for r in runs]) / _mean([r["train_runtime"] for r in baseline])
+
+
+def _unique(values) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def render_table(results: list[dict]) -> str:
+    """The Markdown table and the text block saying how the numbers were made."""
+    if not results:
+        return "No GLUE results yet: run `python benchmarks/glue_compare.py`.\n"
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in results:
+        groups[(r["task"], r["method"])].append(r)
+    tasks = _unique([t for t in TASKS if any(k[0] == t for k in groups)] + sorted({k[0] for k in groups}))
+    header = [
+        "task", "method", "lr", "seeds", "dev metric (×100)", "train time (s)", "time ratio", "step (s)",
+        "trainable params", "peak memory (MB)", "final frozen",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in tasks:
+        for method in (m for m in ("full", "neq", "lora", "neq_lora") if (task, m) in groups):
+            runs = sorted(groups[(task, method)], key=lambda r: r["seed"])
+            metrics = " / ".join(
+                f"{METRIC_TITLES.get(name, name)} {_spread([r['metrics'][name] for r in runs], 100)}"
+                for name in runs[0]["metrics"]
+            )
+            ratio = _ratio(runs, groups.get((task, "full"), []))
+            ratio_text = "1.00× full" if method == "full" else (f"{ratio:.2f}× full" if ratio is not None else "–")
+            if method == "neq_lora" and _ratio(runs, groups.get((task, "lora"), [])) is not None:
+                ratio_text += f", {_ratio(runs, groups[(task, 'lora')]):.2f}× lora"
+            steps = [r["mean_step_seconds"] for r in runs if r.get("mean_step_seconds") is not None]
+            params = _count(_mean([r["trainable_parameters"] for r in runs]))
+            frozen = "–"
+            if "neq" in runs[0]:
+                params += f" → {_count(_mean([r['neq']['final_trainable_parameters'] for r in runs]))}"
+                summaries = [r["neq"]["summary"] for r in runs if "final_frozen_fraction" in r["neq"]["summary"]]
+                if summaries:
+                    kinds = [k.split("/", 1)[1] for k in summaries[0] if k.startswith("final_frozen_fraction/")]
+                    per_kind = ", ".join(
+                        f"{k} {_mean([s[f'final_frozen_fraction/{k}'] for s in summaries]):.0%}" for k in kinds
+                    )
+                    frozen = f"{_mean([s['final_frozen_fraction'] for s in summaries]):.1%} ({per_kind})"
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        TASK_TITLES.get(task, task),
+                        method,
+                        f"{runs[0]['learning_rate']:g}",
+                        ",".join(str(r["seed"]) for r in runs),
+                        metrics,
+                        _spread([r["train_runtime"] for r in runs], digits=0),
+                        ratio_text,
+                        f"{_mean(steps):.3f}" if steps else "–",
+                        params,
+                        f"{_mean([r['peak_memory_mb'] for r in runs]):,.0f}",
+                        frozen,
+                    ]
+                )
+                + " |"
+            )
+    return "\n".join(lines) + "\n\n" + describe(results, tasks, groups)
+
+
+def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
+    """How the table was made, from what the result files recorded."""
+    commands = _unique(r["harness"]["command"] for r in results if "harness" in r)
+    first = results[0]
+    data = []
+    for task in tasks:
+        runs = [r for r in results if r["task"] == task]
+        caps = _unique(r["max_train_samples"] for r in runs)
+        train = _unique(r["train_samples"] for r in runs)
+        cap = (
+            f"capped at the first {caps[0]} training samples" if caps != [None] else f"all {train[0]} training samples"
+        )
+        data.append(f"{TASK_TITLES.get(task, task)}: {cap}, {_unique(r['eval_samples'] for r in runs)[0]} dev samples")
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for (_, method), runs in groups.items():
+        by_method[method] += runs
+    lrs = ", ".join(
+        f"{m} {'/'.join(f'{v:g}' for v in _unique(r['learning_rate'] for r in by_method[m]))}"
+        for m in ("full", "neq", "lora", "neq_lora")
+        if m in by_method
+    )
+    neq = next((r for r in results if "neq" in r), None)
+    lora = next((r for r in results if "lora" in r), None)
+    seeds = "; ".join(
+        f"{TASK_TITLES.get(t, t)} {','.join(str(s) for s in sorted({r['seed'] for r in results if r['task'] == t}))}"
+        for t in tasks
+    )
+    command = "; ".join(f"`{c}`" for c in commands) if commands else "`python benchmarks/glue_compare.py`"
+    lines = [
+        "How these numbers were made (all recorded in `benchmarks/results/glue/*.json`):",
+        "",
+        f"- Command: {command}",
+        f"- Model: {first.get('base_model') or first['model']}; device: {', '.join(_unique(r['device'] for r in results))}.",
+        f"- Data: {SOURCES.get(first.get('data_source'), first.get('data_source'))}; " + "; ".join(data) + ".",
+        f"- Epochs: {', '.join(f'{e:g}' for e in _unique(r['num_train_epochs'] for r in results))}; batch size "
+        f"{', '.join(str(b) for b in _unique(r['per_device_train_batch_size'] for r in results))}; max sequence length "
+        f"{', '.join(str(x) for x in _unique(r['max_seq_length'] for r in results))}; seeds: {seeds}.",
+        f"- Learning rates (AdamW, linear decay): {lrs}.",
+    ]
+    if lora is not None:
+        lines.append(
+            f"- LoRA: r {lora['lora']['r']}, alpha {lora['lora']['alpha']}, dropout {lora['lora']['dropout']}, on "
+            f"{', '.join(lora['lora']['target_modules'])}; the classifier trains fully."
+        )
+    if neq is not None:
+        c = neq["neq"]["config"]
+        lines.append(
+            f"- NEq: eps {c['eps']:g}, mu {c['mu']:g}, a check every "
+            f"{'epoch' if c['check_every'] == 'epoch' else str(c['check_every']) + ' steps'} on "
+            f"{neq['holdout_samples']} held-out training samples, which NEq runs do not train on."
+        )
+    lines += [
+        "- dev metric: mean ± sample standard deviation over seeds. train time: `Trainer` train_runtime (NEq's "
+        "held-out checks included); time ratio: mean train time over that of full (and, for neq_lora, of lora) "
+        "fine-tuning on the same task. step: mean optimizer step time (forward, backward, update; no checks).",
+        "- trainable params: at the start → at the last NEq check. peak memory: "
+        + ", ".join(_unique(r["peak_memory_source"] for r in results))
+        + ". final frozen: fraction of units frozen at the last check.",
+        "- Backward FLOPs and per-step savings at fixed frozen fractions are measured by `benchmarks/step_time.py`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str, table: str) -> None:
+    """Replace what is between the glue-results markers in ``path``, and nothing else."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--readme {path}: no such file.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start == -1 or end < start:
+        raise ValueError(
+            f"{path} has no {README_START} ... {README_END} block: add the two markers where the GLUE table goes."
+        )
+    text = text[: start + len(README_START)] + "\n" + table.rstrip("\n") + "\n" + text[end:]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    failed = [] if args.table_only else run_grid(args, argv)
+    if args.dry_run:
+        return 0
+    table = render_table(load_results(args.results_dir))
+    os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
+    with open(args.table, "w", encoding="utf-8") as f:
+        f.write("# GLUE: full fine-tuning, NEq, LoRA and NEq + LoRA\n\n" + table)
+    print(f"Wrote {args.table}")
+    if args.readme:
+        update_readme(args.readme, table)
+        print(f"Updated the GLUE block of {args.readme}")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
