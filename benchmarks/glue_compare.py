@@ -224,10 +224,10 @@ def _count(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def _ratio(runs: list[dict], baseline: list[dict]) -> Optional[float]:
-    if not runs or not baseline:
+def _ratio(runs: list[dict], baseline: list[dict], key: str = "train_runtime") -> Optional[float]:
+    if not runs or not baseline or any(key not in r for r in runs + baseline):
         return None
-    return _mean([r["train_runtime"] for r in runs]) / _mean([r["train_runtime"] for r in baseline])
+    return _mean([r[key] for r in runs]) / _mean([r[key] for r in baseline])
 
 
 def _unique(values) -> list:
@@ -247,7 +247,8 @@ def render_table(results: list[dict]) -> str:
         groups[(r["task"], r["method"])].append(r)
     tasks = _unique([t for t in TASKS if any(k[0] == t for k in groups)] + sorted({k[0] for k in groups}))
     header = [
-        "task", "method", "lr", "seeds", "dev metric (×100)", "train time (s)", "time ratio", "step (s)",
+        "task", "method", "lr", "seeds", "dev metric (×100)", "train time (s)", "time ratio", "CPU time ratio",
+        "step (s)",
         "trainable params", "peak memory (MB)", "final frozen",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -262,6 +263,11 @@ def render_table(results: list[dict]) -> str:
             ratio_text = "1.00× full" if method == "full" else (f"{ratio:.2f}× full" if ratio is not None else "–")
             if method == "neq_lora" and _ratio(runs, groups.get((task, "lora"), [])) is not None:
                 ratio_text += f", {_ratio(runs, groups[(task, 'lora')]):.2f}× lora"
+            cpu = _ratio(runs, groups.get((task, "full"), []), "train_cpu_seconds")
+            cpu_text = "1.00× full" if method == "full" else (f"{cpu:.2f}× full" if cpu is not None else "–")
+            cpu_lora = _ratio(runs, groups.get((task, "lora"), []), "train_cpu_seconds")
+            if method == "neq_lora" and cpu_lora is not None:
+                cpu_text += f", {cpu_lora:.2f}× lora"
             steps = [r["mean_step_seconds"] for r in runs if r.get("mean_step_seconds") is not None]
             params = _count(_mean([r["trainable_parameters"] for r in runs]))
             frozen = "–"
@@ -285,6 +291,7 @@ def render_table(results: list[dict]) -> str:
                         metrics,
                         _spread([r["train_runtime"] for r in runs], digits=0),
                         ratio_text,
+                        cpu_text,
                         f"{_mean(steps):.3f}" if steps else "–",
                         params,
                         f"{_mean([r['peak_memory_mb'] for r in runs]):,.0f}",
@@ -350,7 +357,8 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
     lines += [
         "- dev metric: mean ± sample standard deviation over seeds. train time: `Trainer` train_runtime (NEq's "
         "held-out checks included); time ratio: mean train time over that of full (and, for neq_lora, of lora) "
-        "fine-tuning on the same task. step: mean optimizer step time (forward, backward, update; no checks).",
+        "fine-tuning on the same task; CPU time ratio: the same with the process CPU time of training, which other load on "
+        "the machine barely moves. step: mean optimizer step time (forward, backward, update; no checks).",
         "- trainable params: at the start → at the last NEq check. peak memory: "
         + ", ".join(_unique(r["peak_memory_source"] for r in results))
         + ". final frozen: fraction of units frozen at the last check.",

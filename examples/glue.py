@@ -412,7 +412,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     trainer.model_accepts_loss_kwargs = False
     trainable, total = count_parameters(trainer.model)
 
+    cpu_start = time.process_time()
     train_result = trainer.train()
+    # CPU time of this process (all threads): unlike wall time, barely moved by other load on the machine.
+    train_cpu_seconds = time.process_time() - cpu_start
     eval_metrics = trainer.evaluate()
     memory, memory_source = peak_memory()
 
@@ -441,6 +444,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "metric_source": metric_source,
         "eval": eval_metrics,
         "train_runtime": train_result.metrics["train_runtime"],
+        "train_cpu_seconds": train_cpu_seconds,
         "train_loss": train_result.metrics.get("train_loss"),
         "train_steps": trainer.state.global_step,
         "mean_step_seconds": timer.mean(),
