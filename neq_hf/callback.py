@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "neq_state_rank{rank}.pt"
 CONFIG_NAME = "neq_config.json"
 HISTORY_NAME = "neq_history.json"
+AUTO_CHECKS = 20
 
 
 class NEqTrainerCallback(TrainerCallback):
@@ -64,6 +65,7 @@ class NEqTrainerCallback(TrainerCallback):
         self.dataset = neq_dataset
         self.data_collator = data_collator
         self.resume_from_checkpoint: Optional[str] = None
+        self.check_every = self.config.check_every  # resolved at train start ("auto" -> a number of steps)
         self.unit_map: Optional[UnitMap] = None
         self.freezer: Optional[Freezer] = None
         self.tracker: Optional[EquilibriumTracker] = None
@@ -102,6 +104,10 @@ class NEqTrainerCallback(TrainerCallback):
 
     def _check_schedule(self, args: TrainingArguments, state: TrainerState) -> None:
         every = self.config.check_every
+        if every == "auto":
+            # 20 checks per run: every 5% of the optimizer steps.
+            every = max(1, round(state.max_steps / AUTO_CHECKS)) if state.max_steps > 0 else "epoch"
+        self.check_every = every
         if every == "epoch":
             n_checks = int(args.num_train_epochs) if args.max_steps <= 0 else None
             what = f"num_train_epochs={args.num_train_epochs}"
@@ -111,7 +117,7 @@ class NEqTrainerCallback(TrainerCallback):
         needed = self.config.warmup + 1
         if n_checks is not None and n_checks < needed:
             raise ValueError(
-                f"NEqConfig.check_every={every!r} leaves {n_checks} held-out check(s) in this run ({what}), but a "
+                f"NEqConfig.check_every={self.config.check_every!r} leaves {n_checks} held-out check(s) in this run ({what}), but a "
                 f"decision needs {needed} (warmup={self.config.warmup} + 1): NEq would never freeze anything. Use a "
                 f"smaller number of steps, e.g. check_every={max(1, state.max_steps // (needed + 2))}."
             )
@@ -194,14 +200,14 @@ class NEqTrainerCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        every = self.config.check_every
+        every = self.check_every
         if every != "epoch" and state.global_step % every == 0:
             self.run_check(state)
             control.should_log = True
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.config.check_every == "epoch":
+        if self.check_every == "epoch":
             self.run_check(state)
             control.should_log = True
         return control
@@ -273,6 +279,7 @@ class NEqTrainerCallback(TrainerCallback):
         out = {
             "units": self.unit_map.summary(),
             "checks": len(checks),
+            "check_every": self.check_every,
             "check_seconds": self.check_seconds,
             "train_seconds": self.train_seconds,
             "check_time_fraction": self.check_seconds / self.train_seconds if self.train_seconds else None,

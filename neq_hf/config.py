@@ -31,8 +31,10 @@ class NEqConfig:
 
         > Held-out split and schedule
 
-        check_every (`str` or `int`, defaults to `"50"`):
-            When to run the held-out check: `"epoch"`, or a number of optimizer steps.
+        check_every (`str` or `int`, defaults to `"auto"`):
+            When to run the held-out check: `"auto"` (every 5% of the run's optimizer steps, i.e. 20 checks, so that
+            the velocity's scale does not depend on the length of the run), `"epoch"`, or a number of optimizer
+            steps.
         holdout_size (`float`, defaults to `0.01`):
             Size of the held-out split carved from the training set: a fraction in (0, 1), or a number of samples
             (>= 1). Ignored when a held-out dataset is given explicitly.
@@ -59,7 +61,8 @@ class NEqConfig:
         default=False, metadata={"help": "Keep frozen units frozen for good instead of re-deciding at every check."}
     )
     check_every: str = field(
-        default="50", metadata={"help": "Held-out check schedule: 'epoch' or a number of optimizer steps."}
+        default="auto",
+        metadata={"help": "Held-out check schedule: 'auto' (every 5% of the run), 'epoch' or a number of steps."},
     )
     holdout_size: float = field(
         default=0.01,
@@ -112,14 +115,14 @@ class NEqConfig:
             value = None
         if isinstance(value, str):
             text = value.strip().lower()
-            if text == "epoch":
-                return "epoch"
+            if text in ("epoch", "auto"):
+                return text
             if text.isdigit():
                 value = int(text)
         if isinstance(value, int) and value >= 1:
             return value
         raise ValueError(
-            f"NEqConfig.check_every={value!r} is invalid: expected 'epoch' or a number of optimizer steps >= 1."
+            f"NEqConfig.check_every={value!r} is invalid: expected 'auto', 'epoch' or a number of optimizer steps >= 1."
         )
 
     def to_dict(self) -> dict[str, Any]:

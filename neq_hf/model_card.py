@@ -60,6 +60,13 @@ def _percent(value: Optional[float]) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1%}"
 
 
+def _schedule(configured, resolved) -> str:
+    if configured == "epoch" or resolved == "epoch":
+        return "every epoch"
+    steps = resolved if isinstance(resolved, int) else configured
+    return f"every {steps} optimizer steps" + (" (auto: 5% of the run)" if configured == "auto" else "")
+
+
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -96,7 +103,7 @@ def render_neq_section(
             ("`mu` (velocity momentum)", f"{neq_config.mu:g}"),
             ("`warmup` (checks before any unit may freeze)", neq_config.warmup),
             ("`pin_frozen`", neq_config.pin_frozen),
-            ("`check_every`", "every epoch" if every == "epoch" else f"every {every} optimizer steps"),
+            ("`check_every`", _schedule(every, summary.get("check_every"))),
             ("`holdout_size`", holdout),
             ("`unit_kinds`", ", ".join(neq_config.unit_kinds)),
             ("`freeze_embeddings`", neq_config.freeze_embeddings),
