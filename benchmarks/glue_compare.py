@@ -33,7 +33,7 @@ METHODS = ("full", "lora", "neq", "neq_lora")  # baselines first: NEq runs recor
 BASELINE = {"neq": "full", "neq_lora": "lora"}
 TASKS = ("sst2", "mrpc", "rte")
 DEFAULT_SEEDS = {"sst2": [0], "mrpc": [0, 1], "rte": [0, 1]}
-DEFAULT_TRAIN_CAPS = {"sst2": 4000}
+DEFAULT_TRAIN_CAPS = {"sst2": 2000, "mrpc": 2000, "rte": 2000}
 TASK_TITLES = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "qnli": "QNLI", "cola": "CoLA", "stsb": "STS-B"}
 METRIC_TITLES = {
     "accuracy": "acc",
@@ -58,10 +58,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="Folder of GLUE TSV files (default: ../shared/data/glue); '' loads nyu-mll/glue from the Hub instead.",
     )
     p.add_argument(
-        "--max_train_samples", type=int, help="Training cap for every task (default: SST-2 4000, others uncapped)."
+        "--max_train_samples", type=int, help="Training cap for every task (default: 2000 training samples per task)."
     )
     p.add_argument("--max_eval_samples", type=int, help="Validation cap (default: the whole dev set).")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--max_seq_length", type=int, default=128)
@@ -70,8 +70,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_alpha", type=int, default=16)
     p.add_argument("--eps", type=float, default=1e-3, help="NEq eps.")
-    p.add_argument("--check_every", default="20", help="NEq held-out check interval (steps, or 'epoch').")
-    p.add_argument("--holdout_size", type=float, default=128, help="NEq held-out split (samples or fraction).")
+    p.add_argument(
+        "--check_every", default="auto", help="NEq held-out check interval ('auto', 'epoch' or a number of steps)."
+    )
+    p.add_argument("--holdout_size", type=float, default=0.01, help="NEq held-out split (samples or fraction).")
     p.add_argument("--extra_args", default="", help="More glue.py arguments for every run, as one quoted string.")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results", "glue"))
     p.add_argument("--table", default=os.path.join(ROOT, "benchmarks", "results", "glue.md"))
@@ -220,6 +222,13 @@ def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return text + (f" ± {statistics.stdev(values) * scale:.{digits}f}" if len(values) > 1 else "")
 
 
+def _every(configured, resolved) -> str:
+    if "epoch" in (configured, resolved):
+        return "epoch"
+    steps = resolved if isinstance(resolved, int) else configured
+    return f"{steps} steps" + (" (auto: 10% of the run)" if configured == "auto" else "")
+
+
 def _count(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
@@ -351,7 +360,7 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
         c = neq["neq"]["config"]
         lines.append(
             f"- NEq: eps {c['eps']:g}, mu {c['mu']:g}, a check every "
-            f"{'epoch' if c['check_every'] == 'epoch' else str(c['check_every']) + ' steps'} on "
+            f"{_every(c['check_every'], neq['neq']['summary'].get('check_every'))} on "
             f"{neq['holdout_samples']} held-out training samples, which NEq runs do not train on."
         )
     lines += [

@@ -19,7 +19,6 @@ of the bottom half of the layers frozen, (e) every tracked unit frozen.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -208,7 +207,7 @@ def run_length(base_model, args: TrainingArguments, cfg: Args, seq_len: int) -> 
             "trainable_parameters": sum(p.numel() for p in s.model.parameters() if p.requires_grad),
         }
     plain = rows["plain"]
-    for name, row in rows.items():
+    for row in rows.values():
         row["time_ratio"] = row["step_seconds_median"] / plain["step_seconds_median"]
         row["cpu_time_ratio"] = row["step_cpu_seconds_median"] / plain["step_cpu_seconds_median"]
         row["backward_flops_ratio"] = row["backward_flops"] / plain["backward_flops"]
@@ -273,7 +272,7 @@ def markdown(results: dict) -> str:
             lo, hi = row["time_ratio_min_max"]
             lines.append(
                 f"| {seq} | {LABELS[name]} | {row['time_ratio']:.2f} ({lo:.2f}–{hi:.2f}) | "
-                f"{'≤ %.2f' % target if target else '—'} | {row['cpu_time_ratio']:.2f} | "
+                f"{f'≤ {target:.2f}' if target else '—'} | {row['cpu_time_ratio']:.2f} | "
                 f"{row['backward_flops_ratio']:.2f} | "
                 f"{row['peak_step_memory_ratio']:.2f} | {row['optimizer_state_ratio']:.2f} | "
                 f"{row['trainable_parameters'] / 1e6:.1f}M |"
@@ -289,7 +288,9 @@ def markdown(results: dict) -> str:
         )
     lines.append(
         "Plain step: "
-        + ", ".join(f"{seq} tokens {rows['plain']['step_seconds_median']:.3f} s" for seq, rows in results["lengths"].items())
+        + ", ".join(
+            f"{seq} tokens {rows['plain']['step_seconds_median']:.3f} s" for seq, rows in results["lengths"].items()
+        )
         + " (absolute times on a shared machine are indicative only)."
     )
     return "\n".join(lines)
@@ -314,8 +315,11 @@ def main(argv=None) -> dict:
     path = resolve_model(cfg.model_name_or_path)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     args = TrainingArguments(
-        output_dir=os.path.join(cfg.output_dir, "_step_time_tmp"), report_to=[], learning_rate=5e-5,
-        weight_decay=0.01, use_cpu=not torch.cuda.is_available(),
+        output_dir=os.path.join(cfg.output_dir, "_step_time_tmp"),
+        report_to=[],
+        learning_rate=5e-5,
+        weight_decay=0.01,
+        use_cpu=not torch.cuda.is_available(),
     )
     base.to(args.device)
     results = {

@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerState, TrainingArguments
 from transformers.data.data_collator import default_data_collator
 
 from .config import NEqConfig
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "neq_state_rank{rank}.pt"
 CONFIG_NAME = "neq_config.json"
 HISTORY_NAME = "neq_history.json"
-AUTO_CHECKS = 20
+AUTO_CHECKS = 10
 
 
 class NEqTrainerCallback(TrainerCallback):
@@ -105,7 +106,7 @@ class NEqTrainerCallback(TrainerCallback):
     def _check_schedule(self, args: TrainingArguments, state: TrainerState) -> None:
         every = self.config.check_every
         if every == "auto":
-            # 20 checks per run: every 5% of the optimizer steps.
+            # 10 checks per run: every 10% of the optimizer steps.
             every = max(1, round(state.max_steps / AUTO_CHECKS)) if state.max_steps > 0 else "epoch"
         self.check_every = every
         if every == "epoch":
@@ -249,8 +250,11 @@ class NEqTrainerCallback(TrainerCallback):
         if self.tracker is not None and args.process_index == 0:
             os.makedirs(args.output_dir, exist_ok=True)
             with open(os.path.join(args.output_dir, HISTORY_NAME), "w") as f:
-                json.dump({"config": self.config.to_dict(), "summary": self.summary(), "checks": self.tracker.history}, f,
-                          indent=1)
+                json.dump(
+                    {"config": self.config.to_dict(), "summary": self.summary(), "checks": self.tracker.history},
+                    f,
+                    indent=1,
+                )
         if self.freezer is not None:
             self.freezer.release()
         return control

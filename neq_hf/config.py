@@ -32,7 +32,7 @@ class NEqConfig:
         > Held-out split and schedule
 
         check_every (`str` or `int`, defaults to `"auto"`):
-            When to run the held-out check: `"auto"` (every 5% of the run's optimizer steps, i.e. 20 checks, so that
+            When to run the held-out check: `"auto"` (every 10% of the run's optimizer steps, i.e. 10 checks, so that
             the velocity's scale does not depend on the length of the run), `"epoch"`, or a number of optimizer
             steps.
         holdout_size (`float`, defaults to `0.01`):
@@ -53,7 +53,9 @@ class NEqConfig:
     """
 
     eps: float = field(default=1e-3, metadata={"help": "Equilibrium threshold on the velocity magnitude |v|."})
-    mu: float = field(default=0.5, metadata={"help": "Velocity momentum mu in v_t = dphi_t - mu * v_{t-1} (0 <= mu < 1)."})
+    mu: float = field(
+        default=0.5, metadata={"help": "Velocity momentum mu in v_t = dphi_t - mu * v_{t-1} (0 <= mu < 1)."}
+    )
     warmup: int = field(
         default=1, metadata={"help": "Checks after the reference check before any unit may freeze (>= 1)."}
     )
@@ -62,7 +64,7 @@ class NEqConfig:
     )
     check_every: str = field(
         default="auto",
-        metadata={"help": "Held-out check schedule: 'auto' (every 5% of the run), 'epoch' or a number of steps."},
+        metadata={"help": "Held-out check schedule: 'auto' (every 10% of the run), 'epoch' or a number of steps."},
     )
     holdout_size: float = field(
         default=0.01,
@@ -78,7 +80,9 @@ class NEqConfig:
     )
     freeze_embeddings: bool = field(
         default=True,
-        metadata={"help": "Freeze the embeddings once every unit of the first layer is frozen (backward stops there)."},
+        metadata={
+            "help": "Freeze the embeddings once every unit of the first layer is frozen (backward stops there)."
+        },
     )
 
     def __post_init__(self):
@@ -132,7 +136,7 @@ class NEqConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NEqConfig":
+    def from_dict(cls, data: dict[str, Any]) -> NEqConfig:
         known = {f.name for f in fields(cls)}
         data = dict(data)
         if "seed" in data and "holdout_seed" not in data:  # the field's former name

@@ -231,7 +231,8 @@ class Freezer:
         if stop == 0:
             return
         checkpointing = bool(
-            getattr(self.model, "is_activation_checkpointing", None) or getattr(self.model, "gradient_checkpointing", False)
+            getattr(self.model, "is_activation_checkpointing", None)
+            or getattr(self.model, "gradient_checkpointing", False)
         )
         if stop < len(layers):
 

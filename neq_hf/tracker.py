@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -87,7 +88,7 @@ class EquilibriumTracker:
         kinds = self.config.unit_kinds
         per_layer = {kind: [] for kind in kinds}
         frozen_total = units_total = 0
-        for (layer, kind), mask in self.frozen.items():
+        for (_, kind), mask in self.frozen.items():
             per_layer[kind].append(int(mask.sum()) / mask.numel())
             frozen_total += int(mask.sum())
             units_total += mask.numel()

@@ -45,7 +45,9 @@ class NEqTrainer(Trainer):
         self.neq_config = neq_config if neq_config is not None else NEqConfig()
         if neq_dataset is None:
             if self.train_dataset is None:
-                raise ValueError("NEqTrainer needs a train_dataset (or an explicit neq_dataset) to carve a held-out split.")
+                raise ValueError(
+                    "NEqTrainer needs a train_dataset (or an explicit neq_dataset) to carve a held-out split."
+                )
             self.train_dataset, neq_dataset = split_holdout(
                 self.train_dataset, self.neq_config.holdout_size, self.neq_config.holdout_seed
             )
@@ -56,7 +58,9 @@ class NEqTrainer(Trainer):
             self.model.add_model_tags(self._tag_names)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        self.neq_callback.resume_from_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        self.neq_callback.resume_from_checkpoint = (
+            resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

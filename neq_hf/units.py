@@ -365,9 +365,7 @@ def discover_units(model: nn.Module) -> UnitMap:
                     f"{_features(base, axis)}."
                 )
             if base.weight.requires_grad:
-                bindings.append(
-                    Binding(f"{layer_name}.{path}", base, axis, kind, units, with_bias=axis == "out")
-                )
+                bindings.append(Binding(f"{layer_name}.{path}", base, axis, kind, units, with_bias=axis == "out"))
             for lora_a, lora_b, extra in _lora_pairs(module):
                 # A LoRA update B @ A: output features are rows of B, input features columns of A. DoRA's magnitude
                 # (one entry per output feature) freezes with the whole module, not per unit.
@@ -394,7 +392,16 @@ def discover_units(model: nn.Module) -> UnitMap:
         neuron_obs = _base_layer(down_mod)
         layers.append(
             LayerUnits(
-                index, layer_name, layer, num_heads, num_kv_heads, hd, n_neurons, head_obs, neuron_obs, bindings,
+                index,
+                layer_name,
+                layer,
+                num_heads,
+                num_kv_heads,
+                hd,
+                n_neurons,
+                head_obs,
+                neuron_obs,
+                bindings,
                 others,
             )
         )

@@ -32,7 +32,10 @@ def tiny_config(model_type: str, **overrides):
     if model_type in ("bert", "roberta", "electra"):
         cls = {"bert": BertConfig, "roberta": RobertaConfig, "electra": ElectraConfig}[model_type]
         kw = dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
             max_position_embeddings=64,
         )
         if model_type == "electra":
@@ -41,12 +44,19 @@ def tiny_config(model_type: str, **overrides):
     elif model_type == "distilbert":
         cfg = DistilBertConfig(**common, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64)
     elif model_type == "gpt2":
-        cfg = GPT2Config(**common, bos_token_id=1, eos_token_id=2, n_embd=32, n_layer=2, n_head=4, n_inner=37, n_positions=64)
+        cfg = GPT2Config(
+            **common, bos_token_id=1, eos_token_id=2, n_embd=32, n_layer=2, n_head=4, n_inner=37, n_positions=64
+        )
     else:
         cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[model_type]
         cfg = cls(
-            **common, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=37, max_position_embeddings=64,
+            **common,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
         )
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -92,9 +102,18 @@ def training_args(output_dir, **overrides):
     from transformers import TrainingArguments
 
     kw = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=8, per_device_eval_batch_size=16, max_steps=12,
-        learning_rate=1e-3, logging_steps=4, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        max_steps=12,
+        learning_rate=1e-3,
+        logging_steps=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     kw.update(overrides)
     return TrainingArguments(**kw)

@@ -24,7 +24,11 @@ def test_quick_start_runs_as_written(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}
     out = subprocess.run(
         [sys.executable, "-c", code.replace('"runs/quickstart"', repr(str(tmp_path / "run")))],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     fraction = float(out.stdout.strip().splitlines()[-1])

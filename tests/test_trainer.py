@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from conftest import pad_collator, tiny_classifier, token_dataset, training_args
 from transformers import Trainer, TrainerCallback
 
-from conftest import pad_collator, tiny_classifier, token_dataset, training_args
 from neq_hf import NEqConfig, NEqTrainer, NEqTrainerCallback, split_holdout
 from neq_hf.tracker import EquilibriumTracker
 
@@ -81,23 +81,31 @@ class ExactnessChecker(TrainerCallback):
                     assert torch.equal(v.index_select(dim, rows), old.index_select(dim, rows)), f"{k} of frozen rows"
             active = torch.ones(p.shape[dim], dtype=torch.bool)
             active[rows] = False
-            if not torch.equal(p.detach()[(slice(None),) * dim + (active,)], self.before[id(p)][(slice(None),) * dim + (active,)]):
+            if not torch.equal(
+                p.detach()[(slice(None),) * dim + (active,)], self.before[id(p)][(slice(None),) * dim + (active,)]
+            ):
                 self.changed_active += 1
             self.checked_rows += rows.numel()
 
 
 OPTIMIZER_CASES = {
     "fused_adamw_wd": dict(optim="adamw_torch_fused", weight_decay=0.1),
-    "adamw_accum_warmup": dict(optim="adamw_torch", weight_decay=0.01, gradient_accumulation_steps=2,
-                               warmup_steps=3, lr_scheduler_type="cosine"),
+    "adamw_accum_warmup": dict(
+        optim="adamw_torch",
+        weight_decay=0.01,
+        gradient_accumulation_steps=2,
+        warmup_steps=3,
+        lr_scheduler_type="cosine",
+    ),
     "sgd_momentum": dict(optim="sgd", optim_args="momentum=0.9", weight_decay=0.01, learning_rate=0.05),
 }
 
 
 @pytest.mark.parametrize("case", sorted(OPTIMIZER_CASES))
 def test_frozen_parameters_stay_bit_identical(tmp_path, random_masks, case):
-    trainer = make_trainer(tmp_path, NEqConfig(eps=0.0, check_every=2, holdout_size=16), max_steps=14,
-                           **OPTIMIZER_CASES[case])
+    trainer = make_trainer(
+        tmp_path, NEqConfig(eps=0.0, check_every=2, holdout_size=16), max_steps=14, **OPTIMIZER_CASES[case]
+    )
     checker = ExactnessChecker(trainer)
     trainer.add_callback(checker)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -180,8 +188,7 @@ def test_event_order_and_schedule_independent_of_eval(tmp_path):
 
 
 def test_epoch_schedule(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(check_every="epoch", holdout_size=16), max_steps=-1,
-                           num_train_epochs=3)
+    trainer = make_trainer(tmp_path, NEqConfig(check_every="epoch", holdout_size=16), max_steps=-1, num_train_epochs=3)
     trainer.train()
     steps = [h["step"] for h in trainer.neq_callback.tracker.history]
     assert len(steps) == 4 and steps[0] == 0 and steps[-1] == trainer.state.global_step
@@ -288,8 +295,12 @@ def test_check_every_larger_than_run_fails_before_training(tmp_path):
 
 
 def test_callback_without_dataset(tmp_path):
-    trainer = Trainer(model=tiny_classifier("bert"), args=training_args(tmp_path / "o"),
-                      train_dataset=token_dataset(32), data_collator=pad_collator)
+    trainer = Trainer(
+        model=tiny_classifier("bert"),
+        args=training_args(tmp_path / "o"),
+        train_dataset=token_dataset(32),
+        data_collator=pad_collator,
+    )
     trainer.add_callback(NEqTrainerCallback(NEqConfig(check_every=2)))
     with pytest.raises(ValueError, match="split_holdout"):
         trainer.train()

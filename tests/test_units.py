@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import tiny_classifier
 from torch import nn
 
-from conftest import tiny_classifier
 from neq_hf import ArchitectureSpec, Freezer, UnsupportedModelError, discover_units, register_architecture
 from neq_hf.units import ARCHITECTURES
 
@@ -166,17 +166,21 @@ def test_input_require_grads_does_not_force_backward_through_frozen_layers(check
 
 
 def test_tied_embeddings_keep_training_through_the_head():
-    from transformers import AutoModelForCausalLM
-
     from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=True))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     freezer = Freezer(model, discover_units(model))
     freezer.locate_embeddings(model, lambda: model(input_ids=torch.randint(1, 90, (2, 5))))
     assert all(p is not model.lm_head.weight for p in freezer.below)
-    freezer.apply({(i, k): torch.zeros(4 if k == "heads" else 37, dtype=torch.bool)
-                   for i in range(2) for k in ("heads", "neurons")})
+    freezer.apply(
+        {
+            (i, k): torch.zeros(4 if k == "heads" else 37, dtype=torch.bool)
+            for i in range(2)
+            for k in ("heads", "neurons")
+        }
+    )
     ids = torch.randint(1, 90, (2, 6))
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.lm_head.weight.grad is not None
