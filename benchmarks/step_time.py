@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class Args:
     seed: int = field(default=0, metadata={"help": "Seed of the random patterns and batches."})
     output_dir: str = field(default=str(HERE / "results"), metadata={"help": "Where step_time.{json,md} go."})
     readme: str = field(default="", metadata={"help": "README to refresh between step-time markers."})
+    table_only: bool = field(default=False, metadata={"help": "Only re-render the table from step_time.json."})
 
 
 def resolve_model(name: str) -> str:
@@ -260,7 +262,9 @@ def markdown(results: dict) -> str:
         f"MiniLM-L6 (`{meta['model']}`), batch {meta['batch_size']}, {meta['device']}, torch {meta['torch']}, "
         f"{meta['threads']} threads; median of {meta['repeats']} interleaved repetitions after {meta['warmup']} "
         "warm-up. Ratios are to the plain `Trainer` step measured in the same run; the time ratio's range is over "
-        "paired repetitions; the CPU time ratio (process CPU time) is less sensitive to other load on the machine.",
+        "paired repetitions; the CPU time ratio (process CPU time) is less sensitive to other load on the machine. "
+        "Here the patterns are applied before the first step, so frozen tensors never get optimizer state; in a real "
+        "run a tensor that freezes keeps its (paused) state.",
         "",
         "| seq | setting | step time ratio (min–max) | target | CPU time ratio | backward FLOPs ratio "
         "| peak step memory ratio | optimizer state ratio | trainable params |",
@@ -309,6 +313,10 @@ def replace_block(path: str, marker: str, text: str, command: str) -> None:
 
 def main(argv=None) -> dict:
     (cfg,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    if cfg.table_only:
+        with open(os.path.join(cfg.output_dir, "step_time.json")) as f:
+            results = json.load(f)
+        return write_outputs(results, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -344,6 +352,10 @@ def main(argv=None) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "step_time.json"), "w") as f:
         json.dump(results, f, indent=1)
+    return write_outputs(results, cfg)
+
+
+def write_outputs(results: dict, cfg: Args) -> dict:
     table = markdown(results)
     with open(os.path.join(cfg.output_dir, "step_time.md"), "w") as f:
         f.write(table + "\n")

@@ -96,7 +96,12 @@ class NEqTrainerCallback(TrainerCallback):
         )
         self._model = model
         self.unit_map = discover_units(model)
-        self.freezer = Freezer(model, self.unit_map, freeze_embeddings=self.config.freeze_embeddings)
+        self.freezer = Freezer(
+            model,
+            self.unit_map,
+            freeze_embeddings=self.config.freeze_embeddings,
+            row_sparse_min_frozen=self.config.row_sparse_min_frozen,
+        )
         self.tracker = EquilibriumTracker(self.unit_map, self.config)
         self._recorder = OutputRecorder(self.unit_map, self.config.unit_kinds)
         first = next(iter(self._loader))

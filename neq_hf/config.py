@@ -50,6 +50,10 @@ class NEqConfig:
         freeze_embeddings (`bool`, defaults to `True`):
             Freeze the embeddings (and whatever else runs before the first layer) once every unit of the first layer
             is frozen, so that backward can stop there. Weights tied with the task head always train.
+        row_sparse_min_frozen (`float`, defaults to `0.4`):
+            A partly frozen weight computes its weight gradient for its active rows only when at least this fraction
+            of its rows is frozen; below, the dense product is cheaper than the gathers it needs (measured), and the
+            frozen rows of the dense gradient are zeroed.
     """
 
     eps: float = field(default=1e-3, metadata={"help": "Equilibrium threshold on the velocity magnitude |v|."})
@@ -85,6 +89,13 @@ class NEqConfig:
         },
     )
 
+    row_sparse_min_frozen: float = field(
+        default=0.4,
+        metadata={
+            "help": "Frozen fraction of a weight from which its weight gradient is computed for active rows only."
+        },
+    )
+
     def __post_init__(self):
         def bad(name: str, allowed: str):
             raise ValueError(f"NEqConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
@@ -110,6 +121,9 @@ class NEqConfig:
         if isinstance(self.unit_kinds, str):
             self.unit_kinds = [k.strip() for k in self.unit_kinds.split(",") if k.strip()]
         self.unit_kinds = list(self.unit_kinds)
+        m = self.row_sparse_min_frozen
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1:
+            bad("row_sparse_min_frozen", "expected a fraction in [0, 1]")
         if not self.unit_kinds or any(k not in UNIT_KINDS for k in self.unit_kinds):
             bad("unit_kinds", f"expected a non-empty subset of {list(UNIT_KINDS)}")
 

@@ -10,7 +10,8 @@ What a frozen unit costs nothing for, and why its parameters stay bit-identical:
    back-propagated, whatever ``enable_input_require_grads()`` or tied embeddings would otherwise force.
 3. A partly frozen weight runs :class:`RowSparseGradLinear`: the forward pass is the dense one; backward computes the
    input gradient as usual but the weight gradient only for the active rows (or columns), with exact zeros
-   elsewhere.
+   elsewhere. When few rows are frozen (below ``row_sparse_min_frozen``) the gathers cost more than they save, so
+   the weight gradient is computed densely and its frozen rows are zeroed.
 4. Optimizers update whole tensors, so a partly frozen tensor's frozen rows would still move through momentum, weight
    decay or second-moment decay. The frozen rows of the parameter and of every same-shaped optimizer state
    (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...) are copied when they freeze and written back after every
@@ -34,10 +35,13 @@ from .units import Binding, UnitMap
 class RowSparseGradLinear(torch.autograd.Function):
     """``y = x @ W^T + b`` whose backward computes the weight gradient only for ``active`` output rows
     (``axis_out=True``) or input columns (``axis_out=False``) of ``W``. ``transposed`` means ``W`` is stored
-    ``(in, out)`` as in transformers' ``Conv1D``. Under autocast the dense forward dtype is kept in backward."""
+    ``(in, out)`` as in transformers' ``Conv1D``. Under autocast the dense forward dtype is kept in backward.
+
+    Given ``frozen`` (the complement of ``active``), the weight gradient is computed densely and its frozen rows are
+    zeroed instead: the gathers of the row-sparse product cost more than they save when few rows are frozen."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, active, axis_out: bool, transposed: bool):
+    def forward(ctx, x, weight, bias, active, axis_out: bool, transposed: bool, frozen=None):
         dtype = None
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -47,7 +51,7 @@ class RowSparseGradLinear(torch.autograd.Function):
             bc = bias.to(dtype) if (dtype is not None and bias is not None) else bias
             w_oi = wc.t() if transposed else wc
             y = F.linear(xc, w_oi, bc)
-        ctx.save_for_backward(xc, wc, active)
+        ctx.save_for_backward(xc, wc, active, frozen)
         ctx.axis_out, ctx.transposed = axis_out, transposed
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -55,7 +59,7 @@ class RowSparseGradLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w, active = ctx.saved_tensors
+        x, w, active, frozen = ctx.saved_tensors
         w_oi = w.t() if ctx.transposed else w  # (out, in) view
         grad_y = grad_y.to(x.dtype)
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
@@ -64,12 +68,18 @@ class RowSparseGradLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_y.matmul(w_oi)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros(w.shape, dtype=ctx.weight_dtype, device=w.device)
-            gw_oi = grad_w.t() if ctx.transposed else grad_w
-            if ctx.axis_out:
-                gw_oi.index_copy_(0, active, g2.index_select(1, active).t().matmul(x2).to(ctx.weight_dtype))
+            if frozen is not None:
+                # dense product in the weight's own layout, then exact zeros in the frozen rows/columns
+                grad_w = (x2.t().matmul(g2) if ctx.transposed else g2.t().matmul(x2)).to(ctx.weight_dtype)
+                out_dim = 1 if ctx.transposed else 0
+                grad_w.index_fill_(out_dim if ctx.axis_out else 1 - out_dim, frozen, 0)
             else:
-                gw_oi.index_copy_(1, active, g2.t().matmul(x2.index_select(1, active)).to(ctx.weight_dtype))
+                grad_w = torch.zeros(w.shape, dtype=ctx.weight_dtype, device=w.device)
+                gw_oi = grad_w.t() if ctx.transposed else grad_w
+                if ctx.axis_out:
+                    gw_oi.index_copy_(0, active, g2.index_select(1, active).t().matmul(x2).to(ctx.weight_dtype))
+                else:
+                    gw_oi.index_copy_(1, active, g2.t().matmul(x2.index_select(1, active)).to(ctx.weight_dtype))
         if ctx.needs_input_grad[2]:
             full = g2.sum(0)
             if ctx.axis_out:
@@ -77,7 +87,7 @@ class RowSparseGradLinear(torch.autograd.Function):
                 grad_b.index_copy_(0, active, full.index_select(0, active).to(ctx.bias_dtype))
             else:
                 grad_b = full.to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _row_sparse_forward(self, x):
@@ -85,7 +95,9 @@ def _row_sparse_forward(self, x):
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return self._neq_dense_forward(x)
     out_shape = x.shape[:-1] + (weight.shape[1] if self._neq_transposed else weight.shape[0],)
-    y = RowSparseGradLinear.apply(x, weight, self.bias, self._neq_active, self._neq_axis_out, self._neq_transposed)
+    y = RowSparseGradLinear.apply(
+        x, weight, self.bias, self._neq_active, self._neq_axis_out, self._neq_transposed, self._neq_frozen
+    )
     return y.reshape(out_shape)
 
 
@@ -106,10 +118,17 @@ class _Partial:
 class Freezer:
     """Applies unit masks to a model. Only parameters that were trainable when it was built are ever touched."""
 
-    def __init__(self, model: nn.Module, unit_map: UnitMap, freeze_embeddings: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        unit_map: UnitMap,
+        freeze_embeddings: bool = True,
+        row_sparse_min_frozen: float = 0.4,
+    ):
         self.model = model
         self.unit_map = unit_map
         self.freeze_embeddings = freeze_embeddings
+        self.row_sparse_min_frozen = row_sparse_min_frozen
         self.managed: dict[int, nn.Parameter] = {id(p): p for p in model.parameters() if p.requires_grad}
         self.below: list[nn.Parameter] = []  # parameters that only run before the first layer (embeddings)
         self._patched: dict[int, nn.Module] = {}
@@ -181,7 +200,8 @@ class Freezer:
                 partials.append(_snapshot(b.weight, b.weight_dim(), frozen_idx))
                 if b.bias is not None:
                     partials.append(_snapshot(b.bias, 0, frozen_idx))
-                self._patch(b, feat.nonzero().flatten())
+                dense = frozen_idx.numel() < self.row_sparse_min_frozen * feat.numel()
+                self._patch(b, feat.nonzero().flatten(), frozen_idx if dense else None)
             for p in layer.others:
                 want[id(p)] = not layer_frozen[-1]
         embeddings_frozen = self.freeze_embeddings and layer_frozen[0]
@@ -204,20 +224,21 @@ class Freezer:
                 stop += 1
         self._set_stop(stop)
 
-    def _patch(self, b: Binding, active_idx: torch.Tensor) -> None:
+    def _patch(self, b: Binding, active_idx: torch.Tensor, dense_frozen: Optional[torch.Tensor]) -> None:
         m = b.module
         if id(m) not in self._patched:
             m._neq_dense_forward = m.forward
             m.forward = types.MethodType(_row_sparse_forward, m)
             self._patched[id(m)] = m
         m._neq_active = active_idx
+        m._neq_frozen = dense_frozen
         m._neq_axis_out = b.axis == "out"
         m._neq_transposed = b.transposed
 
     def _unpatch(self, m: nn.Module) -> None:
         if self._patched.pop(id(m), None) is not None:
             del m.forward
-            for attr in ("_neq_dense_forward", "_neq_active", "_neq_axis_out", "_neq_transposed"):
+            for attr in ("_neq_dense_forward", "_neq_active", "_neq_frozen", "_neq_axis_out", "_neq_transposed"):
                 delattr(m, attr)
 
     def _set_stop(self, stop: int) -> None:

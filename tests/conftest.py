@@ -122,3 +122,29 @@ def training_args(output_dir, **overrides):
 @pytest.fixture
 def dataset():
     return token_dataset()
+
+
+def unit_mask(n: int, frozen) -> torch.Tensor:
+    """An activity mask of ``n`` units with the indices in ``frozen`` frozen."""
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[list(frozen)] = False
+    return mask
+
+
+def snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    """Environment for multi-process test runs: offline, one thread per process, no inherited launcher config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env

@@ -6,23 +6,13 @@ serves query heads 0 and 1, K/V head 1 (rows 8-15) query heads 2 and 3.
 
 import pytest
 import torch
-from conftest import pad_collator, tiny_classifier, tiny_config, token_dataset, training_args
+from conftest import pad_collator, snapshot, tiny_classifier, tiny_config, token_dataset, training_args, unit_mask
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from neq_hf import NEqConfig, NEqTrainer, discover_units
 
 DECODERS = ["llama", "mistral", "qwen2"]
 HD = 8
-
-
-def mask(n, frozen):
-    m = torch.ones(n, dtype=torch.bool)
-    m[list(frozen)] = False
-    return m
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def lm_collator(features):
@@ -112,10 +102,10 @@ def test_kv_rows_feed_exactly_the_query_heads_they_are_mapped_to(arch):
 # Layer 0: query heads 0, 1 and 3 frozen; K/V head 0 (heads 0, 1) is frozen, K/V head 1 is not (head 2 still trains).
 # Neurons 0, 5 and 36 frozen. Layer 1: every unit frozen.
 MASKS = {
-    (0, "heads"): mask(4, [0, 1, 3]),
-    (0, "neurons"): mask(37, [0, 5, 36]),
-    (1, "heads"): mask(4, range(4)),
-    (1, "neurons"): mask(37, range(37)),
+    (0, "heads"): unit_mask(4, [0, 1, 3]),
+    (0, "neurons"): unit_mask(37, [0, 5, 36]),
+    (1, "heads"): unit_mask(4, range(4)),
+    (1, "neurons"): unit_mask(37, range(37)),
 }
 
 
@@ -165,7 +155,7 @@ def test_causal_lm_with_tied_embeddings_keeps_training_the_head(tmp_path, arch):
     model = tiny_causal_lm(arch, tie_word_embeddings=True)
     model.tie_weights()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    all_frozen = {(i, kind): mask(n, range(n)) for i in range(2) for kind, n in (("heads", 4), ("neurons", 37))}
+    all_frozen = {(i, kind): unit_mask(n, range(n)) for i in range(2) for kind, n in (("heads", 4), ("neurons", 37))}
     trainer, fixed, before, after = run_with_masks(tmp_path, model, all_frozen, collator=lm_collator)
     assert fixed.stops == [2] * len(fixed.stops)  # backward stops above the last layer
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -181,7 +171,7 @@ def test_causal_lm_with_tied_embeddings_keeps_training_the_head(tmp_path, arch):
 def test_causal_lm_untied_embeddings_freeze_below_the_first_layer(tmp_path, arch):
     model = tiny_causal_lm(arch, tie_word_embeddings=False)
     assert model.lm_head.weight is not model.model.embed_tokens.weight
-    all_frozen = {(i, kind): mask(n, range(n)) for i in range(2) for kind, n in (("heads", 4), ("neurons", 37))}
+    all_frozen = {(i, kind): unit_mask(n, range(n)) for i in range(2) for kind, n in (("heads", 4), ("neurons", 37))}
     _, fixed, before, after = run_with_masks(tmp_path, model, all_frozen, collator=lm_collator)
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     assert all(g["model.embed_tokens.weight"] is None for g in fixed.grads)

