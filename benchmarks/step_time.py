@@ -323,7 +323,7 @@ def main(argv=None) -> dict:
     path = resolve_model(cfg.model_name_or_path)
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     args = TrainingArguments(
-        output_dir=os.path.join(cfg.output_dir, "_step_time_tmp"),
+        output_dir=tempfile.mkdtemp(prefix="neq_step_time_"),
         report_to=[],
         learning_rate=5e-5,
         weight_decay=0.01,
