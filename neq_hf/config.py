@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
 UNIT_KINDS = ("heads", "neurons")
+CRITERIA = ("relative", "absolute")
+TOKEN_POOLING = ("mean", "none")
 
 
 @dataclass
@@ -18,8 +20,14 @@ class NEqConfig:
     Parameters:
         > Equilibrium criterion
 
+        criterion (`str`, defaults to `"relative"`):
+            `"absolute"`: the paper's rule, a unit is at equilibrium when `|v| < eps`. `"relative"`: the same rule
+            measured in units of the run's own rate of change, so that it does not depend on the learning rate, the
+            check interval or the method (full fine-tuning, LoRA): see `neq_hf.equilibrium.relative_equilibrium`.
         eps (`float`, defaults to `1e-3`):
-            A unit is at equilibrium when the magnitude of its velocity `|v|` is below `eps`.
+            Threshold of the `"absolute"` criterion: a unit is at equilibrium when `|v| < eps`.
+        eps_relative (`float`, defaults to `0.05`):
+            Threshold of the `"relative"` criterion, a fraction of the run's initial rate of change.
         mu (`float`, defaults to `0.5`):
             Momentum of the velocity: `v_t = dphi_t - mu * v_{t-1}`.
         warmup (`int`, defaults to `1`):
@@ -28,6 +36,10 @@ class NEqConfig:
         pin_frozen (`bool`, defaults to `False`):
             Keep a unit frozen for good once frozen. By default every check re-decides, so a frozen unit whose
             output starts moving again is released.
+
+        layer_threshold (`float`, defaults to `1.0`):
+            Structured freezing: a whole layer freezes when at least this fraction of its units is at equilibrium and
+            every layer below it is frozen (so backward stops at it). `1.0` is per-unit freezing only.
 
         > Held-out split and schedule
 
@@ -38,6 +50,11 @@ class NEqConfig:
         holdout_size (`float`, defaults to `0.01`):
             Size of the held-out split carved from the training set: a fraction in (0, 1), or a number of samples
             (>= 1). Ignored when a held-out dataset is given explicitly.
+        holdout_min_samples (`int`, defaults to `64`):
+            Floor of the carved held-out split: `holdout_size` is raised to this many samples when the training set
+            allows it (a few samples make the similarity noise).
+        holdout_max_samples (`int`, defaults to `2048`):
+            Cap of the carved held-out split (its outputs are kept in memory).
         holdout_batch_size (`int` or `None`, defaults to `None`):
             Batch size of the held-out pass; `None` uses `per_device_eval_batch_size`.
         holdout_seed (`int`, defaults to `42`):
@@ -47,6 +64,10 @@ class NEqConfig:
 
         unit_kinds (`list[str]`, defaults to `["heads", "neurons"]`):
             Unit kinds that may freeze: `"heads"` (attention heads) and/or `"neurons"` (MLP neurons).
+        token_pooling (`str`, defaults to `"mean"`):
+            How a unit's output vector is formed from token positions: `"mean"` pools the real (non-padding) tokens
+            of each sample (bounded memory; a deliberate deviation from the paper), `"none"` keeps every real token's
+            output, as the paper's "every output position".
         freeze_embeddings (`bool`, defaults to `True`):
             Freeze the embeddings (and whatever else runs before the first layer) once every unit of the first layer
             is frozen, so that backward can stop there. Weights tied with the task head always train.
@@ -54,9 +75,23 @@ class NEqConfig:
             A partly frozen weight computes its weight gradient for its active rows only when at least this fraction
             of its rows is frozen; below, the dense product is cheaper than the gathers it needs (measured), and the
             frozen rows of the dense gradient are zeroed.
+
+        > Behaviour
+
+        strict (`bool`, defaults to `False`):
+            Raise instead of warning when NEq cannot act in a run (no room for a held-out split, too few checks);
+            by default NEq then warns once and training proceeds exactly as with a plain `Trainer`.
     """
 
-    eps: float = field(default=1e-3, metadata={"help": "Equilibrium threshold on the velocity magnitude |v|."})
+    criterion: str = field(
+        default="absolute",
+        metadata={"help": "Equilibrium rule: 'relative' (scale-free) or 'absolute' (the paper's |v| < eps)."},
+    )
+    eps: float = field(default=1e-3, metadata={"help": "Threshold of the 'absolute' rule: |v| < eps (paper: 1e-3)."})
+    eps_relative: float = field(
+        default=0.05,
+        metadata={"help": "Threshold of the 'relative' rule, as a fraction of the run's initial rate of change."},
+    )
     mu: float = field(
         default=0.5, metadata={"help": "Velocity momentum mu in v_t = dphi_t - mu * v_{t-1} (0 <= mu < 1)."}
     )
@@ -66,6 +101,13 @@ class NEqConfig:
     pin_frozen: bool = field(
         default=False, metadata={"help": "Keep frozen units frozen for good instead of re-deciding at every check."}
     )
+    layer_threshold: float = field(
+        default=1.0,
+        metadata={
+            "help": "Freeze a whole layer when at least this fraction of its units is at equilibrium and every layer "
+            "below is frozen (1.0: per-unit freezing only)."
+        },
+    )
     check_every: str = field(
         default="auto",
         metadata={"help": "Held-out check schedule: 'auto' (every 10% of the run), 'epoch' or a number of steps."},
@@ -74,6 +116,10 @@ class NEqConfig:
         default=0.01,
         metadata={"help": "Held-out split carved from train: a fraction in (0, 1) or a sample count (>= 1)."},
     )
+    holdout_min_samples: int = field(
+        default=64, metadata={"help": "Floor of the carved held-out split, in samples (when train allows it)."}
+    )
+    holdout_max_samples: int = field(default=2048, metadata={"help": "Cap of the carved held-out split, in samples."})
     holdout_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Batch size of the held-out pass (default: per_device_eval_batch_size)."}
     )
@@ -81,6 +127,10 @@ class NEqConfig:
     unit_kinds: list[str] = field(
         default_factory=lambda: list(UNIT_KINDS),
         metadata={"help": "Unit kinds that may freeze: 'heads' and/or 'neurons'."},
+    )
+    token_pooling: str = field(
+        default="mean",
+        metadata={"help": "Unit output vector: 'mean' over each sample's real tokens, or 'none' (every real token)."},
     )
     freeze_embeddings: bool = field(
         default=True,
@@ -96,12 +146,33 @@ class NEqConfig:
         },
     )
 
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Raise instead of warning when NEq cannot act in a run (no held-out room, too few checks)."},
+    )
+
     def __post_init__(self):
         def bad(name: str, allowed: str):
             raise ValueError(f"NEqConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
 
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps >= 0:
             bad("eps", "expected a number >= 0 (paper: 1e-3)")
+        if self.criterion not in CRITERIA:
+            bad("criterion", f"expected one of {list(CRITERIA)}")
+        er = self.eps_relative
+        if isinstance(er, bool) or not isinstance(er, (int, float)) or not er >= 0:
+            bad("eps_relative", "expected a number >= 0")
+        lt = self.layer_threshold
+        if isinstance(lt, bool) or not isinstance(lt, (int, float)) or not 0 < lt <= 1:
+            bad("layer_threshold", "expected a fraction in (0, 1] (1.0: per-unit freezing only)")
+        if self.token_pooling not in TOKEN_POOLING:
+            bad("token_pooling", f"expected one of {list(TOKEN_POOLING)}")
+        for name in ("holdout_min_samples", "holdout_max_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                bad(name, "expected an integer >= 2 (one sample makes the similarity degenerate)")
+        if self.holdout_min_samples > self.holdout_max_samples:
+            bad("holdout_min_samples", f"expected at most holdout_max_samples={self.holdout_max_samples}")
         if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or not 0 <= self.mu < 1:
             bad("mu", "expected a number with 0 <= mu < 1 (paper: 0.5)")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
