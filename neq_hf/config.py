@@ -9,6 +9,9 @@ from typing import Any, Optional, Union
 UNIT_KINDS = ("heads", "neurons")
 CRITERIA = ("relative", "absolute")
 TOKEN_POOLING = ("mean", "none")
+# The spellings HfArgumentParser accepts on the command line.
+_TRUE = ("true", "yes", "t", "y", "1")
+_FALSE = ("false", "no", "f", "n", "0")
 
 
 @dataclass
@@ -44,12 +47,12 @@ class NEqConfig:
         > Held-out split and schedule
 
         check_every (`str` or `int`, defaults to `"auto"`):
-            When to run the held-out check: `"auto"` (every 10% of the run's optimizer steps, i.e. 10 checks, so that
+            When to run the held-out check: `"auto"` (every tenth of the run's optimizer steps, i.e. 10 checks, so that
             the velocity's scale does not depend on the length of the run), `"epoch"`, or a number of optimizer
             steps.
         holdout_size (`float`, defaults to `0.01`):
             Size of the held-out split carved from the training set: a fraction in (0, 1), or a number of samples
-            (>= 1). Ignored when a held-out dataset is given explicitly.
+            (>= 1; `1.0` is refused as ambiguous). Ignored when a held-out dataset is given explicitly.
         holdout_min_samples (`int`, defaults to `64`):
             Floor of the carved held-out split: `holdout_size` is raised to this many samples when the training set
             allows it (a few samples make the similarity noise).
@@ -110,11 +113,11 @@ class NEqConfig:
     )
     check_every: str = field(
         default="auto",
-        metadata={"help": "Held-out check schedule: 'auto' (every 10% of the run), 'epoch' or a number of steps."},
+        metadata={"help": "Held-out check schedule: 'auto' (10 checks per run), 'epoch' or a number of steps."},
     )
     holdout_size: float = field(
         default=0.01,
-        metadata={"help": "Held-out split carved from train: a fraction in (0, 1) or a sample count (>= 1)."},
+        metadata={"help": "Held-out split carved from train: a fraction in (0, 1) or a whole sample count (>= 1)."},
     )
     holdout_min_samples: int = field(
         default=64, metadata={"help": "Floor of the carved held-out split, in samples (when train allows it)."}
@@ -152,9 +155,39 @@ class NEqConfig:
     )
 
     def __post_init__(self):
+        object.__setattr__(self, "_validated", False)
+        self._validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Assigning a field after construction is validated like the constructor's arguments (a bad value would
+        # otherwise fail late, inside training); the old value stays when the new one is refused.
+        if not self.__dict__.get("_validated"):
+            object.__setattr__(self, name, value)
+            return
+        old = dict(self.__dict__)
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_validated", False)
+        try:
+            self._validate()
+        except ValueError:
+            self.__dict__.clear()
+            self.__dict__.update(old)
+            raise
+        object.__setattr__(self, "_validated", True)
+
+    def _validate(self) -> None:
         def bad(name: str, allowed: str):
             raise ValueError(f"NEqConfig.{name}={getattr(self, name)!r} is invalid: {allowed}.")
 
+        for f in fields(self):
+            if f.type in ("bool", bool):
+                setattr(self, f.name, self._parse_bool(f.name, getattr(self, f.name)))
+        seed = self.holdout_seed
+        if isinstance(seed, str) and seed.strip().lstrip("-").isdigit():
+            self.holdout_seed = int(seed)
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            bad("holdout_seed", "expected an integer seed")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps >= 0:
             bad("eps", "expected a number >= 0 (paper: 1e-3)")
         if self.criterion not in CRITERIA:
@@ -181,7 +214,13 @@ class NEqConfig:
         size = self.holdout_size
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
             bad("holdout_size", "expected a fraction in (0, 1) or a sample count >= 1")
-        if isinstance(size, float) and size >= 1:
+        if isinstance(size, float) and size == 1:
+            bad(
+                "holdout_size",
+                "1.0 is ambiguous (a fraction of 1.0 would be the whole training set): pass an integer count of "
+                "samples (e.g. 1 or 64) or a fraction < 1 (e.g. 0.01)",
+            )
+        if isinstance(size, float) and size > 1:
             if not size.is_integer():
                 bad("holdout_size", "expected a fraction in (0, 1) or a whole sample count >= 1")
             self.holdout_size = int(size)
@@ -197,11 +236,16 @@ class NEqConfig:
             bad("row_sparse_min_frozen", "expected a fraction in [0, 1]")
         if not self.unit_kinds or any(k not in UNIT_KINDS for k in self.unit_kinds):
             bad("unit_kinds", f"expected a non-empty subset of {list(UNIT_KINDS)}")
+        if len(set(self.unit_kinds)) != len(self.unit_kinds):
+            bad("unit_kinds", "each kind may appear once (a repeated kind would count its units twice)")
 
     @staticmethod
     def _parse_check_every(value: Union[str, int]) -> Union[str, int]:
         if isinstance(value, bool):
-            value = None
+            raise ValueError(
+                f"NEqConfig.check_every={value!r} is invalid: a boolean is not a schedule; expected 'auto', 'epoch' "
+                "or a number of optimizer steps >= 1."
+            )
         if isinstance(value, str):
             text = value.strip().lower()
             if text in ("epoch", "auto"):
@@ -212,6 +256,24 @@ class NEqConfig:
             return value
         raise ValueError(
             f"NEqConfig.check_every={value!r} is invalid: expected 'auto', 'epoch' or a number of optimizer steps >= 1."
+        )
+
+    @staticmethod
+    def _parse_bool(name: str, value: Any) -> bool:
+        # Strings come from JSON files, dicts or environment variables; bool("false") would be True.
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+        raise ValueError(
+            f"NEqConfig.{name}={value!r} is invalid: expected a boolean (True/False, or one of the strings "
+            f"{', '.join(repr(t) for t in _TRUE + _FALSE)})."
         )
 
     def to_dict(self) -> dict[str, Any]:
