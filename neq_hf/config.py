@@ -54,10 +54,12 @@ class NEqConfig:
             Size of the held-out split carved from the training set: a fraction in (0, 1), or a number of samples
             (>= 1; `1.0` is refused as ambiguous). Ignored when a held-out dataset is given explicitly.
         holdout_min_samples (`int`, defaults to `64`):
-            Floor of the carved held-out split: `holdout_size` is raised to this many samples when the training set
-            allows it (a few samples make the similarity noise).
+            Floor of the carved held-out split: a fractional `holdout_size` is raised to this many samples, as far
+            as 20% of the training set allows (a few samples make the similarity noise; see
+            `benchmarks/results/holdout_size.md`). A sample count is taken as given. NEq warns when the held-out split
+            has fewer samples, and refuses a single sample.
         holdout_max_samples (`int`, defaults to `2048`):
-            Cap of the carved held-out split (its outputs are kept in memory).
+            Cap of a fractional `holdout_size` (its outputs are kept in memory).
         holdout_batch_size (`int` or `None`, defaults to `None`):
             Batch size of the held-out pass; `None` uses `per_device_eval_batch_size`.
         holdout_seed (`int`, defaults to `42`):
@@ -71,6 +73,11 @@ class NEqConfig:
             How a unit's output vector is formed from token positions: `"mean"` pools the real (non-padding) tokens
             of each sample (bounded memory; a deliberate deviation from the paper), `"none"` keeps every real token's
             output, as the paper's "every output position".
+        holdout_memory_budget_mb (`float` or `None`, defaults to `4096`):
+            Hard limit, in MiB per process, on the reference outputs kept between checks (4 B x held-out samples, or
+            their real tokens with `token_pooling="none"`, x the sum over layers of attention + MLP widths): NEq
+            refuses to start above it, naming the formula and the remedy. `None` disables it (NEq still warns above
+            10% of the device's available memory).
         freeze_embeddings (`bool`, defaults to `True`):
             Freeze the embeddings (and whatever else runs before the first layer) once every unit of the first layer
             is frozen, so that backward can stop there. Weights tied with the task head always train.
@@ -134,6 +141,10 @@ class NEqConfig:
     token_pooling: str = field(
         default="mean",
         metadata={"help": "Unit output vector: 'mean' over each sample's real tokens, or 'none' (every real token)."},
+    )
+    holdout_memory_budget_mb: Optional[float] = field(
+        default=4096,
+        metadata={"help": "Hard limit (MiB per process) on the held-out reference outputs; None disables it."},
     )
     freeze_embeddings: bool = field(
         default=True,
@@ -200,6 +211,9 @@ class NEqConfig:
             bad("layer_threshold", "expected a fraction in (0, 1] (1.0: per-unit freezing only)")
         if self.token_pooling not in TOKEN_POOLING:
             bad("token_pooling", f"expected one of {list(TOKEN_POOLING)}")
+        budget = self.holdout_memory_budget_mb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+            bad("holdout_memory_budget_mb", "expected None or a number of MiB > 0")
         for name in ("holdout_min_samples", "holdout_max_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
