@@ -7,6 +7,17 @@ For a unit i with outputs y_i^t on the held-out split at check t (paper, Sec. 3)
     v_i^t    = dphi_i^t - mu * v_i^{t-1}              velocity
     frozen   = |v_i^t| < eps                          equilibrium
 
+The paper's rule is absolute: eps is compared with a velocity whose scale depends on the learning rate, the check
+interval and the method (LoRA barely moves unit outputs, so |v| < 1e-3 holds for nearly every unit at once). The
+relative rule measures the same quantities in units of the run's own initial rate of change:
+
+    s_k      = median_i (1 - phi_i^1)                 over the units of kind k, at the first similarity (t = 1)
+    frozen   = |v_i^t| < eps_rel * s_k  and  (1 - phi_i^t) < eps_rel * s_k
+
+Multiplying every (1 - phi) of a run by a constant (a smaller learning rate, LoRA) multiplies v and s_k by the same
+constant and leaves every decision unchanged. The second condition keeps a unit that is still moving at a steady
+rate (v ~ 0 because phi is stationary, but 1 - phi is as large as at the start) from counting as at rest.
+
 Checks are numbered t = 0 (the reference, taken before training: outputs only), 1, 2, ... A quantity that does not
 exist yet is NaN: ``phi`` exists from t = 1, ``dphi`` and ``v`` from t = 2, where ``v^1`` is taken as 0. A unit whose
 outputs were not finite at some check gets a NaN ``phi`` there, is not frozen, and restarts the same way (its velocity
@@ -47,3 +58,31 @@ def velocity(phi: torch.Tensor, phi_prev: torch.Tensor, v_prev: torch.Tensor, mu
 def at_equilibrium(v: torch.Tensor, eps: float) -> torch.Tensor:
     """|v| < eps; an undefined or non-finite velocity is never at equilibrium."""
     return torch.isfinite(v) & (v.abs() < eps)
+
+
+def initial_scale(phi_first: torch.Tensor) -> float:
+    """s = median over units of (1 - phi^1), the run's typical change per check at the first similarity.
+
+    Non-finite values are ignored; NaN when no unit has a finite similarity."""
+    change = 1 - _float32(phi_first)
+    change = change[torch.isfinite(change)]
+    return float(change.median()) if change.numel() else float("nan")
+
+
+def relative_equilibrium(v: torch.Tensor, phi: torch.Tensor, scale: float, eps_relative: float) -> torch.Tensor:
+    """|v| < eps_rel * s and (1 - phi) < eps_rel * s; never at equilibrium with an undefined v, phi or scale."""
+    limit = eps_relative * scale
+    if not (limit == limit and limit > 0):  # NaN scale, or a run whose units did not move at all
+        return torch.zeros(v.shape, dtype=torch.bool, device=v.device)
+    moving = 1 - _float32(phi)
+    return torch.isfinite(v) & torch.isfinite(moving) & (v.abs() < limit) & (moving < limit)
+
+
+def layer_rule(equilibrium_fraction: list[float], threshold: float) -> int:
+    """Number of bottom layers frozen whole: layer l is, when at least ``threshold`` of its units are at equilibrium
+    and every layer below it is frozen whole. ``threshold = 1.0`` freezes only layers already wholly at equilibrium,
+    i.e. per-unit freezing."""
+    k = 0
+    while k < len(equilibrium_fraction) and equilibrium_fraction[k] >= threshold:
+        k += 1
+    return k

@@ -9,7 +9,14 @@ from typing import Optional
 import torch
 
 from .config import NEqConfig
-from .equilibrium import at_equilibrium, cosine_from_sums, velocity
+from .equilibrium import (
+    at_equilibrium,
+    cosine_from_sums,
+    initial_scale,
+    layer_rule,
+    relative_equilibrium,
+    velocity,
+)
 from .units import UnitMap
 
 Key = tuple[int, str]
@@ -29,9 +36,18 @@ class EquilibriumTracker:
         self.num_units = {k: unit_map.layers[k[0]].num_units(k[1]) for k in self.keys}
         self.t = 0  # checks done, the reference included
         self.reference: dict[Key, torch.Tensor] = {}
+        # Rows of this process's reference (held-out samples, or their real tokens with token_pooling="none"). Set
+        # before the first check (neq_hf.holdout.plan_reference), the reference is written into one tensor per key
+        # allocated at its first batch; left unset, the first check's batches are concatenated, which holds the
+        # reference twice at that moment.
+        self.reference_rows: Optional[int] = None
         self.phi = {k: torch.full((n,), math.nan) for k, n in self.num_units.items()}
         self.v = {k: torch.full((n,), math.nan) for k, n in self.num_units.items()}
         self.frozen = {k: torch.zeros(n, dtype=torch.bool) for k, n in self.num_units.items()}
+        self.equilibrium = {k: torch.zeros(n, dtype=torch.bool) for k, n in self.num_units.items()}
+        self.layers = sorted({k[0] for k in self.keys})
+        self.scale = {kind: math.nan for kind in config.unit_kinds}  # s_k of the relative rule, set at t = 1
+        self.layers_frozen = 0  # bottom layers frozen whole by the layer rule
         self.history: list[dict] = []
 
     # -- one check -------------------------------------------------------------------------------------------
@@ -40,24 +56,41 @@ class EquilibriumTracker:
         sums = {k: torch.zeros(3, n, dtype=torch.float64) for k, n in self.num_units.items()}
         chunks: dict[Key, list[torch.Tensor]] = {k: [] for k in self.keys}
         first = self.t == 0
+        preallocate = first and self.reference_rows is not None
+        if first:
+            self.reference = {}
+        rows_seen = [0]
 
         def on_batch(start: int, pooled: dict[Key, torch.Tensor]) -> None:
             for key in self.keys:
                 cur = pooled[key]
-                if first:
+                end = start + cur.shape[0]
+                rows_seen[0] = max(rows_seen[0], end)
+                if first and not preallocate:
                     chunks[key].append(cur)
                     continue
+                if preallocate and key not in self.reference:
+                    self.reference[key] = cur.new_empty((self.reference_rows, cur.shape[1]))
                 ref = self.reference[key]
-                prev = ref[start : start + cur.shape[0]]
+                if end > ref.shape[0]:
+                    raise self._rows_error(end, ref.shape[0])
+                if first:
+                    ref[start:end] = cur
+                    continue
+                prev = ref[start:end]
                 n = self.num_units[key]
                 c, p = cur.reshape(cur.shape[0], n, -1), prev.reshape(prev.shape[0], n, -1)
                 s = torch.stack([(c * p).sum((0, 2)), (p * p).sum((0, 2)), (c * c).sum((0, 2))])
                 sums[key] += s.double().cpu()
-                ref[start : start + cur.shape[0]] = cur
+                ref[start:end] = cur
 
         run_pass(on_batch)
-        if first:
+        if first and not preallocate:
             self.reference = {k: torch.cat(v) for k, v in chunks.items()}
+        expected = next(iter(self.reference.values())).shape[0] if self.reference else 0
+        if rows_seen[0] != expected:
+            raise self._rows_error(rows_seen[0], expected)
+        if first:
             self.t = 1
             return self._figures(nonfinite=0)
 
@@ -71,14 +104,48 @@ class EquilibriumTracker:
             dot, sq_prev, sq_cur = flat[offset : offset + 3 * n].view(3, n)
             offset += 3 * n
             phi = cosine_from_sums(dot, sq_prev, sq_cur).float()
-            v = velocity(phi, self.phi[key], self.v[key], self.config.mu).float()
-            decide = self.t >= self.config.warmup + 1
-            eq = at_equilibrium(v, self.config.eps) if decide else torch.zeros(n, dtype=torch.bool)
+            self.v[key] = velocity(phi, self.phi[key], self.v[key], self.config.mu).float()
+            self.phi[key] = phi
             nonfinite += int((~torch.isfinite(phi)).sum())
-            self.frozen[key] = (self.frozen[key] | eq) if self.config.pin_frozen else eq
-            self.phi[key], self.v[key] = phi, v
+        if self.t == 1:  # the first similarity sets the scale of the relative rule
+            for kind in self.config.unit_kinds:
+                self.scale[kind] = initial_scale(torch.cat([self.phi[k] for k in self.keys if k[1] == kind]))
+        self._decide()
         self.t += 1
         return self._figures(nonfinite=nonfinite)
+
+    def _decide(self) -> None:
+        """Per-unit equilibrium, then the layer rule, then the masks."""
+        cfg = self.config
+        decide = self.t >= cfg.warmup + 1
+        for key in self.keys:
+            if not decide:
+                eq = torch.zeros(self.num_units[key], dtype=torch.bool)
+            elif cfg.criterion == "absolute":
+                eq = at_equilibrium(self.v[key], cfg.eps)
+            else:
+                eq = relative_equilibrium(self.v[key], self.phi[key], self.scale[key[1]], cfg.eps_relative)
+            self.equilibrium[key] = eq
+        fractions = []
+        for layer in self.layers:
+            keys = [(layer, kind) for kind in cfg.unit_kinds]
+            fractions.append(
+                sum(int(self.equilibrium[k].sum()) for k in keys) / max(sum(self.num_units[k] for k in keys), 1)
+            )
+        self.layers_frozen = layer_rule(fractions, cfg.layer_threshold) if decide else 0
+        for key in self.keys:
+            eq = self.equilibrium[key]
+            if key[0] < self.layers_frozen:
+                eq = torch.ones_like(eq)
+            self.frozen[key] = (self.frozen[key] | eq) if cfg.pin_frozen else eq
+
+    @staticmethod
+    def _rows_error(rows: int, expected: int) -> ValueError:
+        return ValueError(
+            f"The NEq held-out pass gave {rows} output rows but the reference outputs have {expected}: the held-out "
+            "split (its samples, their token counts with token_pooling='none', or the number of processes) changed "
+            "since the reference was recorded. Keep the held-out dataset, collator and process count fixed in a run."
+        )
 
     # -- masks and figures -----------------------------------------------------------------------------------
     def unit_active(self) -> dict[Key, torch.Tensor]:
@@ -95,6 +162,7 @@ class EquilibriumTracker:
         figures = {
             "check": self.t - 1,
             "frozen_fraction": frozen_total / max(units_total, 1),
+            "layers_frozen": self.layers_frozen,
             "nonfinite_units": nonfinite,
         }
         for kind in kinds:
@@ -115,6 +183,9 @@ class EquilibriumTracker:
             "phi": [self.phi[k] for k in self.keys],
             "v": [self.v[k] for k in self.keys],
             "frozen": [self.frozen[k] for k in self.keys],
+            "equilibrium": [self.equilibrium[k] for k in self.keys],
+            "scale": dict(self.scale),
+            "layers_frozen": self.layers_frozen,
             "reference": [self.reference[k].cpu() for k in self.keys] if self.reference else None,
             "history": self.history,
         }
@@ -130,6 +201,10 @@ class EquilibriumTracker:
         self.phi = dict(zip(keys, state["phi"]))
         self.v = dict(zip(keys, state["v"]))
         self.frozen = dict(zip(keys, state["frozen"]))
+        # states written before the relative rule and the layer rule existed
+        self.equilibrium = dict(zip(keys, state.get("equilibrium", state["frozen"])))
+        self.scale = {**self.scale, **state.get("scale", {})}
+        self.layers_frozen = state.get("layers_frozen", 0)
         self.reference = {k: r.to(device) for k, r in zip(keys, state["reference"])} if state["reference"] else {}
         self.history = list(state["history"])
 

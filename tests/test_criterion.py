@@ -1,0 +1,135 @@
+"""The relative equilibrium rule and the layer rule: hand-computed values, scale invariance, and tau = 1.0 being
+per-unit freezing exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neq_hf import NEqConfig
+from neq_hf.equilibrium import initial_scale, layer_rule, relative_equilibrium, velocity
+from neq_hf.tracker import EquilibriumTracker
+from neq_hf.units import discover_units
+
+from conftest import tiny_classifier
+
+
+def test_initial_scale_is_the_median_change_ignoring_non_finite():
+    phi = torch.tensor([0.9, 0.99, 0.5, float("nan"), 0.8])
+    # 1 - phi over the finite units: 0.1, 0.01, 0.5, 0.2 -> median (torch: lower of the two middle values) 0.1
+    assert initial_scale(phi) == pytest.approx(0.1)
+    assert math.isnan(initial_scale(torch.tensor([float("nan")])))
+
+
+def test_relative_rule_by_hand():
+    v = torch.tensor([0.001, 0.001, 0.02, 0.001, float("nan")])
+    phi = torch.tensor([0.999, 0.95, 0.999, 0.9995, 0.999])
+    # limit = 0.1 * 0.1 = 0.01: unit 0 at rest; unit 1 still moving (1 - phi = 0.05); unit 2 accelerating;
+    # unit 3 at rest; unit 4 undefined velocity.
+    got = relative_equilibrium(v, phi, scale=0.1, eps_relative=0.1)
+    assert got.tolist() == [True, False, False, True, False]
+    # no scale (nothing moved, or NaN) -> never at rest
+    assert not relative_equilibrium(v, phi, scale=0.0, eps_relative=0.1).any()
+    assert not relative_equilibrium(v, phi, scale=float("nan"), eps_relative=0.1).any()
+
+
+def test_layer_rule_is_bottom_up():
+    assert layer_rule([1.0, 0.95, 0.97, 0.2], 0.9) == 3
+    assert layer_rule([0.5, 1.0, 1.0], 0.9) == 0  # a settled upper layer does not freeze whole over a moving one
+    assert layer_rule([1.0, 0.99], 1.0) == 1
+    assert layer_rule([], 0.5) == 0
+
+
+class _Outputs:
+    """Feeds a tracker synthetic held-out outputs: units drift by ``scale * step_size(t)`` per check."""
+
+    def __init__(self, tracker: EquilibriumTracker, samples: int = 6, seed: int = 0):
+        self.tracker = tracker
+        g = torch.Generator().manual_seed(seed)
+        self.width = {k: tracker.num_units[k] * (2 if k[1] == "heads" else 1) for k in tracker.keys}
+        self.base = {k: torch.randn(samples, w, generator=g) for k, w in self.width.items()}
+        self.dirs = {k: torch.randn(samples, w, generator=g) for k, w in self.width.items()}
+        self.rates = {k: torch.rand(w, generator=g) for k, w in self.width.items()}
+
+    def run(self, t: int, scale: float):
+        def run_pass(on_batch):
+            pooled = {}
+            for k in self.tracker.keys:
+                # per unit, a drift that decays at a unit-specific rate
+                decay = self.rates[k] ** t
+                pooled[k] = self.base[k] + scale * self.dirs[k] * (1 - decay) + scale * 0.01 * t * self.dirs[k]
+            on_batch(0, pooled)
+
+        return self.tracker.check(run_pass)
+
+
+def _run(config: NEqConfig, scale: float, checks: int = 7):
+    unit_map = discover_units(tiny_classifier("bert"))
+    tracker = EquilibriumTracker(unit_map, config)
+    feed = _Outputs(tracker)
+    masks = []
+    for t in range(checks):
+        feed.run(t, scale)
+        masks.append({k: f.clone() for k, f in tracker.frozen.items()})
+    return tracker, masks
+
+
+def test_relative_rule_is_invariant_to_scaling_every_change():
+    """phi^t = 1 - c * d^t for every unit: the decisions do not depend on c (the absolute rule's do)."""
+    unit_map = discover_units(tiny_classifier("bert"))
+    g = torch.Generator().manual_seed(1)
+    keys = EquilibriumTracker(unit_map, NEqConfig()).keys
+    n = {k: unit_map.layers[k[0]].num_units(k[1]) for k in keys}
+    # per unit, a change per check that decays at a unit-specific rate
+    d0 = {k: torch.rand(n[k], generator=g) * 0.1 for k in keys}
+    rate = {k: torch.rand(n[k], generator=g) for k in keys}
+
+    def decisions(cfg, c):
+        tracker = EquilibriumTracker(unit_map, cfg)
+        for t in range(1, 7):
+            tracker.t = t
+            for k in keys:
+                phi = 1 - c * d0[k] * rate[k] ** (t - 1)
+                tracker.v[k] = velocity(phi, tracker.phi[k], tracker.v[k], cfg.mu)
+                tracker.phi[k] = phi
+            if t == 1:
+                for kind in cfg.unit_kinds:
+                    tracker.scale[kind] = initial_scale(torch.cat([tracker.phi[k] for k in keys if k[1] == kind]))
+            tracker._decide()
+        return {k: m.clone() for k, m in tracker.frozen.items()}
+
+    total = sum(n.values())
+    relative = NEqConfig(criterion="relative", eps_relative=0.5)
+    ref = decisions(relative, 1.0)
+    assert 0 < sum(int(m.sum()) for m in ref.values()) < total
+    for c in (0.25, 1 / 64):
+        assert all(torch.equal(ref[k], decisions(relative, c)[k]) for k in keys)
+    absolute = NEqConfig(criterion="absolute", eps=1e-3)
+    counts = [sum(int(m.sum()) for m in decisions(absolute, c).values()) for c in (1.0, 1 / 64)]
+    assert counts[0] < counts[1]  # the absolute rule freezes more as the run moves less
+
+
+def test_layer_threshold_one_is_per_unit_freezing():
+    _, per_unit = _run(NEqConfig(criterion="relative", eps_relative=0.3), scale=1e-2)
+    _, tau_one = _run(NEqConfig(criterion="relative", eps_relative=0.3, layer_threshold=1.0), scale=1e-2)
+    for a, b in zip(per_unit, tau_one):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_layer_threshold_freezes_whole_bottom_layers():
+    cfg = NEqConfig(criterion="relative", eps_relative=0.3, layer_threshold=0.05)
+    tracker, masks = _run(cfg, scale=1e-2)
+    fractions = [
+        sum(int(tracker.equilibrium[(layer, kind)].sum()) for kind in cfg.unit_kinds)
+        / sum(tracker.num_units[(layer, kind)] for kind in cfg.unit_kinds)
+        for layer in tracker.layers
+    ]
+    expected = layer_rule(fractions, 0.05)
+    assert tracker.layers_frozen == expected >= 1
+    for (layer, _), mask in masks[-1].items():
+        if layer < expected:
+            assert bool(mask.all())
+        else:
+            assert torch.equal(mask, tracker.equilibrium[(layer, _)])
