@@ -86,6 +86,17 @@ class NEqConfig:
             of its rows is frozen; below, the dense product is cheaper than the gathers it needs (measured), and the
             frozen rows of the dense gradient are zeroed.
 
+        > Frozen-prefix cache
+
+        cache_frozen_prefix (`bool`, defaults to `False`):
+            Once the embeddings and the bottom layers are frozen, keep the hidden states entering the lowest
+            trainable layer for every training sample and feed them instead of recomputing the frozen prefix (as
+            AutoFreeze does): from the second time a sample is seen, the embeddings and the frozen layers do not run.
+            Dropout inside the frozen prefix is off while it is on. See `neq_hf.prefix_cache.FrozenPrefixCache`.
+        prefix_cache_megabytes (`int`, defaults to `1024`):
+            Budget of the cache, in MiB of CPU RAM per process: 4 B (float32) x real tokens of the cached samples x
+            hidden size. Samples beyond it are recomputed at every epoch (with a warning).
+
         > Behaviour
 
         strict (`bool`, defaults to `False`):
@@ -158,6 +169,17 @@ class NEqConfig:
         metadata={
             "help": "Frozen fraction of a weight from which its weight gradient is computed for active rows only."
         },
+    )
+
+    cache_frozen_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "Cache the hidden states entering the lowest trainable layer per training sample once the "
+            "embeddings and bottom layers are frozen, instead of recomputing the frozen prefix (dropout off there)."
+        },
+    )
+    prefix_cache_megabytes: int = field(
+        default=1024, metadata={"help": "Budget of the frozen-prefix cache, in MiB of CPU RAM per process."}
     )
 
     strict: bool = field(
@@ -252,6 +274,15 @@ class NEqConfig:
             bad("unit_kinds", f"expected a non-empty subset of {list(UNIT_KINDS)}")
         if len(set(self.unit_kinds)) != len(self.unit_kinds):
             bad("unit_kinds", "each kind may appear once (a repeated kind would count its units twice)")
+        mb = self.prefix_cache_megabytes
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
+            bad("prefix_cache_megabytes", "expected an integer number of MiB >= 1")
+        if self.cache_frozen_prefix and not self.freeze_embeddings:
+            bad(
+                "cache_frozen_prefix",
+                "it needs freeze_embeddings=True (with trainable embeddings nothing below the layers stays fixed); "
+                "set freeze_embeddings=True or cache_frozen_prefix=False",
+            )
 
     @staticmethod
     def _parse_check_every(value: Union[str, int]) -> Union[str, int]:
