@@ -48,8 +48,13 @@ class NEqTrainer(Trainer):
                 raise ValueError(
                     "NEqTrainer needs a train_dataset (or an explicit neq_dataset) to carve a held-out split."
                 )
+            cfg = self.neq_config
             self.train_dataset, neq_dataset = split_holdout(
-                self.train_dataset, self.neq_config.holdout_size, self.neq_config.holdout_seed
+                self.train_dataset,
+                cfg.holdout_size,
+                cfg.holdout_seed,
+                cfg.holdout_min_samples,
+                cfg.holdout_max_samples,
             )
         self.neq_dataset = neq_dataset
         self.neq_callback = NEqTrainerCallback(self.neq_config, neq_dataset, data_collator=self.data_collator)
