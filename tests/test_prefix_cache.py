@@ -1,0 +1,315 @@
+"""The frozen-prefix cache: served states equal recomputation, training steps are unchanged, the cache follows the
+frozen prefix up and down, respects its budget, and a Trainer run resumes with it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import pad_collator, tiny_config, token_dataset
+from transformers import AutoModelForSequenceClassification
+
+from neq_hf import NEqConfig
+from neq_hf.freezing import Freezer
+from neq_hf.prefix_cache import FrozenPrefixCache, _keys, _real_tokens
+from neq_hf.units import discover_units
+
+NO_DROPOUT = dict(
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0, attention_dropout=0.0
+)
+
+
+def build(model_type="bert", layers=2, dropout=True, seed=0):
+    overrides = {"num_hidden_layers": layers, "num_labels": 2}
+    if not dropout:
+        overrides.update(NO_DROPOUT)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(model_type, **overrides))
+    unit_map = discover_units(model)
+    return model, unit_map
+
+
+def batch_of(ds, idx):
+    return pad_collator([ds[i] for i in idx])
+
+
+def inputs(batch):
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def freezer_for(model, unit_map, batch):
+    freezer = Freezer(model, unit_map)
+    freezer.locate_embeddings(model, lambda: model(**inputs(batch)))
+    return freezer
+
+
+def freeze_bottom(freezer, unit_map, k):
+    """Freeze every unit of layers < k (the embeddings follow)."""
+    masks = {}
+    for layer in unit_map.layers:
+        for kind in ("heads", "neurons"):
+            n = layer.num_units(kind)
+            masks[(layer.index, kind)] = torch.full((n,), layer.index >= k)
+    freezer.apply(masks)
+
+
+def with_cache(model, unit_map, batch, **kw):
+    cache = FrozenPrefixCache(model, unit_map.layer_list, **kw)
+    cache.locate(lambda: model(**inputs(batch)))
+    return cache
+
+
+class Entry:
+    """Records the hidden states entering a layer (or leaving the last one) and counts calls to a module."""
+
+    def __init__(self, module, output=False):
+        self.x, self.calls = None, 0
+        if output:
+            self.h = module.register_forward_hook(self._out)
+        else:
+            self.h = module.register_forward_pre_hook(self._in, with_kwargs=True)
+
+    def _in(self, module, args, kwargs):
+        self.calls += 1
+        self.x = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    def _out(self, module, args, output):
+        self.calls += 1
+        self.x = output.detach().clone()
+
+
+def embedding_module(model):
+    return model.get_input_embeddings()
+
+
+def first_linear(layer):
+    return next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_served_states_equal_recomputation(model_type):
+    model, unit_map = build(model_type, dropout=False)
+    ds = token_dataset(24)
+    batch = batch_of(ds, range(8))
+    freezer = freezer_for(model, unit_map, batch)
+    cache = with_cache(model, unit_map, batch)
+    freeze_bottom(freezer, unit_map, 1)
+    assert cache.update(freezer) == 1
+
+    at_layer = Entry(unit_map.layer_list[1])
+    embed, layer0 = Entry(embedding_module(model), output=True), Entry(first_linear(unit_map.layer_list[0]))
+    model.eval()
+    with torch.no_grad():
+        ref_logits = model(**inputs(batch)).logits
+    ref_x = at_layer.x
+    mask = batch["attention_mask"].bool()
+
+    model.train()
+    fill_logits = model(**inputs(batch)).logits  # computes and stores the prefix
+    fill_x = at_layer.x
+    assert cache.stats["computed"] == 8 and len(cache) == 8
+    embed.calls = layer0.calls = 0
+    served_logits = model(**inputs(batch)).logits  # every sample cached
+    assert cache.stats["served"] == 8
+    assert layer0.calls == 0, "the frozen layer must not run"
+    # the embeddings do not run: either not called, or called as a zero placeholder of their output's shape
+    assert embed.calls == 0 or (embed.x.shape == (8, mask.shape[1], 32) and embed.x.abs().max() == 0)
+    torch.testing.assert_close(fill_x[mask], ref_x[mask], rtol=0, atol=1e-6)
+    torch.testing.assert_close(at_layer.x[mask], ref_x[mask], rtol=0, atol=1e-6)
+    assert at_layer.x[~mask].abs().max() == 0  # padding enters as zeros
+    torch.testing.assert_close(fill_logits, ref_logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(served_logits, ref_logits, rtol=0, atol=1e-6)
+
+    # re-padded to another batch length: the same samples are served from the cache
+    longer = pad_collator(
+        [ds[i] for i in range(8)] + [{"input_ids": [5] * 20, "attention_mask": [1] * 20, "labels": 0}]
+    )
+    model(**inputs(longer))
+    assert cache.stats["served"] == 16 and cache.stats["computed"] == 9
+    torch.testing.assert_close(at_layer.x[:8, : mask.shape[1]][mask], ref_x[mask], rtol=0, atol=1e-6)
+    cache.close()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_training_steps_match_recomputation_with_prefix_in_eval_mode(model_type):
+    ds = token_dataset(32)
+    batches = [batch_of(ds, range(i, i + 8)) for i in (0, 8, 0, 8)]  # fills, then serves
+    results = []
+    for cached in (False, True):
+        model, unit_map = build(model_type, dropout=True, seed=1)
+        freezer = freezer_for(model, unit_map, batches[0])
+        if cached:
+            cache = with_cache(model, unit_map, batches[0])
+        freeze_bottom(freezer, unit_map, 1)
+        if cached:
+            cache.update(freezer)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        if not cached:  # what the cache does to the prefix: no dropout there
+            embedding_module(model).eval() if model_type == "llama" else model.bert.embeddings.eval()
+            unit_map.layer_list[0].eval()
+        losses, grads = [], []
+        torch.manual_seed(7)
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            opt.step()
+            opt.zero_grad()
+        results.append((losses, grads))
+        if cached:
+            assert cache.stats["computed"] == 16 and cache.stats["served"] == 16
+    (losses0, grads0), (losses1, grads1) = results
+    torch.testing.assert_close(torch.stack(losses1), torch.stack(losses0), rtol=0, atol=1e-6)
+    for g0, g1 in zip(grads0, grads1):
+        assert g0.keys() == g1.keys() and not any("layer.0." in n or "layers.0." in n for n in g0)
+        for name in g0:
+            torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-6)
+
+
+def test_extends_upward_running_only_the_newly_frozen_layers():
+    model, unit_map = build("bert", layers=3, dropout=False)
+    ds = token_dataset(16)
+    batch = batch_of(ds, range(8))
+    freezer = freezer_for(model, unit_map, batch)
+    cache = with_cache(model, unit_map, batch)
+    layers = unit_map.layer_list
+    mask = batch["attention_mask"].bool()
+    model.train()
+    freeze_bottom(freezer, unit_map, 1)
+    cache.update(freezer)
+    model(**inputs(batch))
+    assert cache.stats["computed"] == 8
+
+    runs = [Entry(first_linear(layer)) for layer in layers]
+    for k, watch in ((2, Entry(layers[2])), (3, Entry(layers[2], output=True))):
+        freeze_bottom(freezer, unit_map, k)
+        assert cache.update(freezer) == k and len(cache) == 8  # kept, extended lazily
+        model.eval()
+        with torch.no_grad():
+            model(**inputs(batch))
+        ref = watch.x
+        model.train()
+        for r in runs:
+            r.calls = 0
+        model(**inputs(batch))  # extends: runs layer k-1 only
+        assert [r.calls for r in runs[:k]] == [0] * (k - 1) + [1]
+        assert cache.stats["extended"] == 8 * (k - 1) and cache.stats["computed"] == 8
+        torch.testing.assert_close(watch.x[mask], ref[mask], rtol=0, atol=1e-6)
+        for r in runs:
+            r.calls = 0
+        model(**inputs(batch))  # served
+        assert sum(r.calls for r in runs[:k]) == 0
+        torch.testing.assert_close(watch.x[mask], ref[mask], rtol=0, atol=1e-6)
+
+
+def test_release_and_modified_parameters_invalidate():
+    model, unit_map = build("bert", dropout=False)
+    ds = token_dataset(16)
+    batch = batch_of(ds, range(8))
+    freezer = freezer_for(model, unit_map, batch)
+    cache = with_cache(model, unit_map, batch)
+    model.train()
+    freeze_bottom(freezer, unit_map, 1)
+    cache.update(freezer)
+    model(**inputs(batch))
+    assert len(cache) == 8
+
+    freeze_bottom(freezer, unit_map, 0)  # layer 0 released
+    assert cache.update(freezer) == 0 and len(cache) == 0 and cache.stats["invalidations"] == 1
+    embed = Entry(embedding_module(model), output=True)
+    model(**inputs(batch))
+    assert embed.calls == 1 and len(cache) == 0  # plain forward, nothing cached
+
+    freeze_bottom(freezer, unit_map, 1)
+    model(**inputs(batch))  # the cache notices the new prefix by itself
+    assert cache.depth == 1 and cache.stats["computed"] == 16
+    with torch.no_grad():  # a frozen weight changed in place (e.g. a checkpoint loaded)
+        unit_map.layer_list[0].attention.self.query.weight.mul_(2)
+    at_layer = Entry(unit_map.layer_list[1])
+    model(**inputs(batch))
+    assert cache.stats["invalidations"] == 2 and cache.stats["computed"] == 24
+    fresh = at_layer.x
+    model.eval()
+    with torch.no_grad():
+        model(**inputs(batch))
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(fresh[mask], at_layer.x[mask], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_budget_is_respected_and_uncached_samples_still_exact(on_disk, tmp_path, caplog):
+    model, unit_map = build("bert", dropout=False)
+    ds = token_dataset(32)
+    batch = batch_of(ds, range(32))
+    real = int(batch["attention_mask"].sum())
+    width = model.config.hidden_size
+    budget_rows = real // 2
+    budget = budget_rows * width * 4 / 2**20
+    freezer = freezer_for(model, unit_map, batch)
+    path = str(tmp_path / "prefix.bin") if on_disk else None
+    cache = with_cache(model, unit_map, batch, max_megabytes=budget, path=path)
+    freeze_bottom(freezer, unit_map, 1)
+    cache.update(freezer)
+    at_layer = Entry(unit_map.layer_list[1])
+    mask = batch["attention_mask"].bool()
+    model.eval()
+    with torch.no_grad():
+        model(**inputs(batch))
+    ref = at_layer.x
+    model.train()
+    with caplog.at_level(logging.WARNING, logger="neq_hf.prefix_cache"):
+        model(**inputs(batch))
+        model(**inputs(batch))
+    assert "budget" in caplog.text and "prefix_cache_megabytes" in caplog.text
+    assert 0 < len(cache) < 32 and cache.megabytes <= budget
+    assert sum(len(ds[i]["input_ids"]) for i in range(len(cache))) <= budget_rows
+    assert cache.stats["served"] == len(cache) and cache.stats["computed"] == 64 - len(cache)
+    torch.testing.assert_close(at_layer.x[mask], ref[mask], rtol=0, atol=1e-6)
+    if on_disk:
+        assert (tmp_path / "prefix.bin").exists()
+    cache.close()
+
+
+def test_keys_follow_real_tokens_only():
+    a = {"input_ids": torch.tensor([[5, 6, 7, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0, 0]])}
+    b = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.tensor([[1, 1, 1]])}
+    left = {"input_ids": torch.tensor([[0, 5, 6, 7]]), "attention_mask": torch.tensor([[0, 1, 1, 1]])}
+    typed = {**b, "token_type_ids": torch.tensor([[0, 0, 1]])}
+    key = {name: _keys(x, _real_tokens(x))[0] for name, x in dict(a=a, b=b, left=left, typed=typed).items()}
+    assert key["a"] == key["b"]  # right padding does not matter
+    assert key["left"] != key["b"]  # other positions: other states
+    assert key["typed"] != key["b"]
+
+
+def test_eval_forwards_and_unsupported_inputs_bypass_the_cache(caplog):
+    model, unit_map = build("bert", dropout=False)
+    batch = batch_of(token_dataset(8), range(8))
+    freezer = freezer_for(model, unit_map, batch)
+    cache = with_cache(model, unit_map, batch)
+    freeze_bottom(freezer, unit_map, 1)
+    model.eval()
+    model(**inputs(batch))
+    assert len(cache) == 0
+    model.train()
+    with caplog.at_level(logging.WARNING, logger="neq_hf.prefix_cache"):
+        model(**inputs(batch), output_hidden_states=True)
+    assert len(cache) == 0 and cache.stats["bypassed_batches"] == 1 and "output_hidden_states" in caplog.text
+
+
+def test_refuses_gradient_checkpointing():
+    model, unit_map = build("bert")
+    batch = batch_of(token_dataset(8), range(8))
+    model.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing.*cache_frozen_prefix=False"):
+        with_cache(model, unit_map, batch)
+
+
+def test_config_fields():
+    assert NEqConfig().cache_frozen_prefix is False
+    with pytest.raises(ValueError, match="freeze_embeddings=True"):
+        NEqConfig(cache_frozen_prefix=True, freeze_embeddings=False)
+    with pytest.raises(ValueError, match="prefix_cache_megabytes"):
+        NEqConfig(prefix_cache_megabytes=0)
