@@ -26,6 +26,19 @@ exists again two finite checks later). So no decision is possible before t = 2.
 The cosine is built from three sums that add up across data shards: ``dot = <y^t, y^{t-1}>``, ``sq_cur = |y^t|^2``
 and ``sq_prev = |y^{t-1}|^2``. With a zero vector it is defined without NaN: 1 when both vectors are zero (a dead unit
 did not change), 0 when exactly one is. Everything is computed in float32 (or wider).
+
+What y_i^t holds, and where it deviates from the paper on purpose. The paper's y_i^t keeps every output position of
+every held-out sample. By default (`NEqConfig.token_pooling="mean"`) each sample contributes one position instead: the
+mean of the unit's outputs over the sample's real (non-padding) tokens, so y_i^t has samples x head_dim entries for a
+head and one entry per sample for an MLP neuron. This bounds the reference's memory by the number of samples rather
+than of tokens, but a unit whose per-token pattern changes under an unchanged mean counts as unchanged: against the
+per-token vectors it changes 6-20% of decisions on a tiny BERT, mostly of MLP neurons (MiniLM on SST-2:
+`benchmarks/results/holdout_size.md`). `token_pooling="none"` keeps every real token's output (padding excluded), the
+paper's reading, at ~tokens-per-sample times the memory. The equations above are unchanged either way. Two other
+deliberate differences concern what a unit is, not the equations: attention heads are units too (the paper's units
+are neurons or channels), and a unit also owns the column of the attention output projection or MLP down projection
+that reads its output, besides its incoming rows and biases (the paper's neuron owns only its incoming weights and
+bias), so that a layer whose units are all frozen has nothing left to train and backward can stop there.
 """
 
 from __future__ import annotations
