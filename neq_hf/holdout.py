@@ -48,6 +48,11 @@ MAX_FLOOR_FRACTION = 0.2
 MEMORY_WARN_FRACTION = 0.1
 BYTES_PER_VALUE = 4  # float32
 
+
+class HoldoutTooSmallError(ValueError):
+    """The held-out split would be empty or a single sample: NEq cannot measure equilibrium in this run."""
+
+
 LABEL_COLUMNS = ("labels", "label", "label_ids", "start_positions", "end_positions")
 _INPUT_COLUMNS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
@@ -65,7 +70,7 @@ def holdout_count(size: Union[int, float], n_train: int, min_samples: int = 64, 
     else:
         n = int(size)
     if n < 1:
-        raise ValueError(
+        raise HoldoutTooSmallError(
             f"The NEq held-out split would be empty: holdout_size={size} of {n_train} training samples. "
             "Raise NEqConfig.holdout_size or pass a held-out dataset explicitly (neq_dataset=...)."
         )
@@ -81,7 +86,7 @@ def holdout_count(size: Union[int, float], n_train: int, min_samples: int = 64, 
 def check_holdout_samples(n: int, min_samples: Optional[int] = None) -> None:
     """Refuse a single held-out sample (phi degenerate); warn when ``n`` is below the floor ``min_samples``."""
     if n == 1:
-        raise ValueError(
+        raise HoldoutTooSmallError(
             "The NEq held-out split has 1 sample: every neuron's output is then a single number, its similarity phi "
             "is always +1 or -1, and units freeze at any eps. Give it at least 2 samples (NEqConfig.holdout_size, or "
             "a larger neq_dataset); NEqConfig.holdout_min_samples (default 64) is the size that makes phi reliable."
@@ -144,7 +149,7 @@ def build_holdout_loader(
     Refuses a held-out split of one sample, and warns (once, here) when it has fewer than ``min_samples``.
     """
     if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
-        raise ValueError("The NEq held-out dataset is empty; give it at least one sample per process.")
+        raise HoldoutTooSmallError("The NEq held-out dataset is empty; give it at least two samples.")
     check_holdout_samples(len(dataset), min_samples)
     if len(dataset) < num_processes:
         raise ValueError(
