@@ -2,6 +2,7 @@
 
 from .callback import NEqTrainerCallback
 from .config import NEqConfig
+from .engine import NEq
 from .freezing import Freezer, RowSparseGradLinear
 from .holdout import split_holdout
 from .trainer import NEqTrainer
@@ -13,6 +14,7 @@ __all__ = [
     "ARCHITECTURES",
     "ArchitectureSpec",
     "Freezer",
+    "NEq",
     "NEqConfig",
     "NEqTrainer",
     "NEqTrainerCallback",

@@ -161,10 +161,30 @@ def _ddp_find_unused_parameters(args: Any, model: Optional[nn.Module]) -> bool:
 def check_engine(args: Any, model: Optional[nn.Module] = None) -> Engine:
     """Return the engine if NEq can freeze exactly under it; raise a `ValueError` naming what to use instead.
 
-    Called by [`NEqTrainerCallback`] when training begins, before anything is frozen.
+    Called when training begins, before anything is frozen: by [`NEqTrainerCallback`] with the `TrainingArguments`,
+    by [`NEq`] with ``args=None`` and the model as the custom loop runs it (a DDP wrapper is inspected directly).
     """
     engine = detect_engine(args, model)
     if engine in (Engine.SINGLE,):
+        return engine
+    if engine is Engine.DDP and isinstance(model, nn.parallel.DistributedDataParallel):
+        # A custom loop hands over the DDP wrapper itself (e.g. from `accelerator.prepare`): read its settings.
+        if not model.find_unused_parameters:
+            raise ValueError(
+                "NEq switches frozen parameters to requires_grad=False during training, which DDP only allows with "
+                "find_unused_parameters=True, but this model's DDP wrapper has find_unused_parameters=False. With "
+                "Accelerate, create the accelerator with `Accelerator(kwargs_handlers=["
+                "DistributedDataParallelKwargs(find_unused_parameters=True)])`."
+            )
+        if model.static_graph:
+            raise ValueError(
+                "NEq changes which parameters are trained at every check, but this model's DDP wrapper has "
+                "static_graph=True. Wrap it with static_graph=False (the default)."
+            )
+        return engine
+    if engine is Engine.DDP and args is None:
+        # A bare model in a custom loop: DDP's settings are not visible here (DDP itself raises at the first step
+        # where a frozen parameter gets no gradient if find_unused_parameters=False).
         return engine
     if engine is Engine.DDP:
         if not _ddp_find_unused_parameters(args, model):

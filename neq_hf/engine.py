@@ -1,0 +1,437 @@
+"""`NEq`: the framework-free engine. One object holds the held-out loader, the unit map, the equilibrium tracker, the
+freezer, the check schedule and the checkpoint state; a training loop calls it around the optimizer step and at step
+end. [`NEqTrainerCallback`] is a thin adapter of it for `transformers.Trainer`; a custom (Accelerate) loop calls it
+directly:
+
+```python
+neq = NEq(model, NEqConfig(), held_out, data_collator=collator)  # model: after accelerator.prepare
+neq.setup(max_steps=num_training_steps)  # resolves the schedule, records the reference outputs
+accelerator.register_for_checkpointing(neq)  # optional: save_state/load_state carry NEq's state
+for step, batch in enumerate(train_dataloader, start=1):
+    accelerator.backward(model(**batch).loss)
+    neq.before_optimizer_step(optimizer)
+    optimizer.step()
+    neq.after_optimizer_step(optimizer)
+    optimizer.zero_grad()
+    neq.step_end(step)  # a held-out check when one is due
+neq.close()  # everything trainable again
+```
+
+Under several processes every method is called on every process: a check runs one ``all_reduce`` of three sums per
+unit (see :mod:`neq_hf.tracker`), so every process takes the same decisions, and [`NEq.state_dict`] gathers every
+process's shard of the reference outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from transformers.data.data_collator import default_data_collator
+
+from .config import NEqConfig
+from .distributed import check_engine, reduce_device
+from .freezing import Freezer
+from .holdout import OutputRecorder, build_holdout_loader, plan_reference
+from .tracker import EquilibriumTracker
+from .units import UnitMap, discover_units
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "neq_state_rank{rank}.pt"
+CONFIG_NAME = "neq_config.json"
+HISTORY_NAME = "neq_history.json"
+AUTO_CHECKS = 10
+STATE_FORMAT = 1
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DDP wrappers: held-out passes must not run DDP's forward (it syncs buffers across
+    processes, and processes may run different numbers of held-out batches)."""
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+class NEq:
+    """Neuronal-equilibrium freezing for any training loop.
+
+    Args:
+        model (`nn.Module`): the model being trained, as the loop runs it (bare, or wrapped by
+            `accelerator.prepare`/DDP: the wrapper is looked through, and its DDP settings are checked).
+        config ([`NEqConfig`], *optional*): NEq settings; defaults to `NEqConfig()`.
+        holdout_dataset (`Dataset`, *optional*): the held-out split, tokenized like the training set (labels are
+            ignored); every process reads its shard (samples ``rank, rank + world_size, ...``). Carve it with
+            [`split_holdout`] so that it is removed from training.
+        data_collator (`Callable`, *optional*): padding collator for the held-out batches (default:
+            `default_data_collator`).
+        batch_size (`int`, *optional*): held-out batch size when `config.holdout_batch_size` is not set (default 8).
+        holdout_dataloader (`DataLoader`, *optional*): instead of `holdout_dataset`, a ready loader over this
+            process's shard, sequential, yielding model inputs only. A checkpoint of such a run resumes only with the
+            same number of processes.
+        process_index, num_processes (`int`, *optional*): this process and the number of processes (default: from
+            `torch.distributed`).
+        verify_engine (`bool`, defaults to `True`): refuse engines under which frozen units would still train (see
+            :func:`neq_hf.distributed.check_engine`). Adapters that check with more context pass `False`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Optional[NEqConfig] = None,
+        holdout_dataset: Optional[Dataset] = None,
+        *,
+        data_collator: Optional[Callable] = None,
+        batch_size: Optional[int] = None,
+        holdout_dataloader: Optional[DataLoader] = None,
+        process_index: Optional[int] = None,
+        num_processes: Optional[int] = None,
+        verify_engine: bool = True,
+    ):
+        self.config = config if config is not None else NEqConfig()
+        if not isinstance(self.config, NEqConfig):
+            raise TypeError(f"config must be a NEqConfig, got {type(self.config).__name__}.")
+        if (holdout_dataset is None) == (holdout_dataloader is None):
+            raise ValueError(
+                "NEq needs exactly one of holdout_dataset=... (e.g. `train, held_out = "
+                "neq_hf.split_holdout(train_dataset, size=0.01)`) and holdout_dataloader=..."
+            )
+        if verify_engine:
+            check_engine(None, model)  # refuses engines under which frozen units would still train
+        self.model = unwrap_model(model)
+        self.process_index = process_index if process_index is not None else (dist.get_rank() if _distributed() else 0)
+        self.num_processes = (
+            num_processes if num_processes is not None else (dist.get_world_size() if _distributed() else 1)
+        )
+        self.holdout_size: Optional[int] = None  # known when NEq shards the dataset itself
+        if holdout_dataset is not None:
+            batch_size = self.config.holdout_batch_size or batch_size or 8
+            self.loader = build_holdout_loader(
+                holdout_dataset,
+                self.model,
+                data_collator or default_data_collator,
+                batch_size,
+                self.process_index,
+                self.num_processes,
+                min_samples=self.config.holdout_min_samples,
+            )
+            self.holdout_size = len(holdout_dataset)
+        else:
+            self.loader = holdout_dataloader
+        self.unit_map: UnitMap = discover_units(self.model)
+        self.freezer = Freezer(
+            self.model,
+            self.unit_map,
+            freeze_embeddings=self.config.freeze_embeddings,
+            row_sparse_min_frozen=self.config.row_sparse_min_frozen,
+        )
+        self.tracker = EquilibriumTracker(self.unit_map, self.config)
+        self.recorder = OutputRecorder(self.unit_map, self.config.unit_kinds, self.config.token_pooling)
+        # Size the reference outputs before the first check: warn or refuse, and preallocate them.
+        self.tracker.reference_rows = plan_reference(
+            self.loader,
+            self.unit_map,
+            self.config.unit_kinds,
+            self.config.token_pooling,
+            self._device(),
+            self.config.holdout_memory_budget_mb,
+        )
+        first = next(iter(self.loader))
+        self.freezer.locate_embeddings(self.model, lambda: self._forward_once(first))
+        self.check_every: Union[int, str] = self.config.check_every  # "auto" is resolved by setup()
+        self.check_seconds = 0.0
+        self.train_seconds = 0.0
+        self._clock: Optional[float] = None
+        self._pending: dict[str, float] = {}
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    def setup(self, max_steps: Optional[int] = None, num_epochs: Optional[int] = None) -> NEq:
+        """Resolve the check schedule, start the training clock and record the reference outputs (check 0) unless
+        a state was loaded. Call it before the first optimizer step, on every process.
+
+        Args:
+            max_steps: optimizer steps of the run (resolves `check_every="auto"`, validates the schedule).
+            num_epochs: epochs of the run, when it is bounded by epochs (validates `check_every="epoch"`).
+        """
+        self.check_every = resolve_schedule(self.config, max_steps, num_epochs)
+        self._clock = time.perf_counter()
+        if self.tracker.t == 0:
+            self.run_check(0, 0.0)  # the reference outputs
+        return self
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def _forward_once(self, batch) -> None:
+        device = self._device()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
+        finally:
+            self.model.train(was_training)
+
+    # -- in the training loop -------------------------------------------------------------------------------------
+    def before_optimizer_step(self, optimizer) -> None:
+        """Call just before ``optimizer.step()``."""
+        self.freezer.before_optimizer_step(optimizer)
+
+    def after_optimizer_step(self, optimizer) -> None:
+        """Call just after ``optimizer.step()``: restores the frozen rows and their optimizer state."""
+        self.freezer.after_optimizer_step(optimizer)
+
+    def step_end(self, global_step: int, epoch: Optional[float] = None) -> Optional[dict]:
+        """Call after optimizer step number ``global_step`` (1-based); runs a check when one is due and returns its
+        record, else `None`."""
+        if self.check_every != "epoch" and global_step % int(self.check_every) == 0:
+            return self.run_check(global_step, epoch)
+        return None
+
+    def epoch_end(self, global_step: int, epoch: Optional[float] = None) -> Optional[dict]:
+        """Call at the end of every epoch; runs a check with `check_every="epoch"`."""
+        if self.check_every == "epoch":
+            return self.run_check(global_step, epoch)
+        return None
+
+    # -- checks ---------------------------------------------------------------------------------------------------
+    def _all_reduce(self, flat: torch.Tensor) -> torch.Tensor:
+        if not _distributed():
+            return flat
+        buf = flat.to(reduce_device(self._device()))
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return buf.cpu()
+
+    def run_check(self, global_step: int, epoch: Optional[float] = None) -> dict:
+        """Run one held-out check now, apply its decisions and return its record."""
+        start = time.perf_counter()
+        device = self._device()
+
+        def run_pass(on_batch):
+            self.recorder.run(self.model, self.loader, device, on_batch)
+
+        figures = self.tracker.check(run_pass, self._all_reduce)
+        self.freezer.apply(self.tracker.unit_active())
+        elapsed = time.perf_counter() - start
+        self.check_seconds += elapsed
+        if figures["nonfinite_units"]:
+            logger.warning(
+                "NEq: %d unit(s) had non-finite outputs on the held-out split at step %d; they are kept trainable.",
+                figures["nonfinite_units"],
+                global_step,
+            )
+        record = {"step": global_step, "epoch": epoch, "seconds": elapsed, **figures}
+        record["trainable_parameters"] = self.freezer.trainable_parameters()
+        record["backward_stops_at_layer"] = self.freezer.stop_layer
+        self.tracker.history.append(record)
+        if record["check"] > 0:
+            self._pending = log_items(record)
+        return record
+
+    def pop_logs(self) -> dict[str, float]:
+        """NEq figures of the latest check not logged yet (``neq/...`` keys), for the loop's logger."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+    @property
+    def frozen(self) -> dict[tuple[int, str], torch.Tensor]:
+        """The current masks: ``{(layer, kind): bool tensor}``, `True` for a frozen unit."""
+        return self.tracker.frozen
+
+    # -- checkpoint state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """NEq's state, for `accelerator.register_for_checkpointing` (or `torch.save`).
+
+        Collective under several processes (call it on every process, as `accelerator.save_state` does): the
+        reference outputs are per process, so every process's shard is gathered into the returned dict, which any
+        process can then save alone.
+        """
+        tracker = self.tracker.state_dict()
+        shard = tracker.pop("reference")
+        if _distributed():
+            shards: list = [None] * dist.get_world_size()
+            dist.all_gather_object(shards, shard)
+        else:
+            shards = [shard]
+        return {
+            "format": STATE_FORMAT,
+            "tracker": tracker,
+            "reference_shards": shards,
+            "holdout_size": self.holdout_size,
+            "check_every": self.check_every,
+            "check_seconds": self.check_seconds,
+            "train_seconds": self.train_seconds + self._elapsed(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what [`state_dict`] returned (on every process) and apply the restored masks.
+
+        Call it before or after [`setup`]: before, `setup` skips the reference check. The number of processes may
+        differ from the saved run's when NEq built the held-out loader itself (the reference outputs are re-sharded).
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"Unknown NEq state format {state.get('format')!r}; resume with the neq_hf version that saved it."
+            )
+        shards = state["reference_shards"]
+        tracker = dict(state["tracker"], reference=self._own_shard(shards, state.get("holdout_size")))
+        self.tracker.load_state_dict(tracker, self._device())
+        self.freezer.apply(self.tracker.unit_active())
+        self.check_every = state["check_every"]
+        self.check_seconds = state["check_seconds"]
+        self.train_seconds = state["train_seconds"]
+        if self._clock is not None:
+            self._clock = time.perf_counter()
+
+    def _own_shard(self, shards: list, holdout_size: Optional[int]) -> Optional[list]:
+        if shards[0] is None:
+            return None
+        if len(shards) == self.num_processes:
+            return shards[self.process_index]
+        if self.config.token_pooling == "none":
+            raise ValueError(
+                "This NEq state holds per-token reference outputs (token_pooling='none') of "
+                f"{len(shards)} process(es), which cannot be re-sharded over {self.num_processes}: resume with the "
+                "same number of processes."
+            )
+        if holdout_size is None or self.holdout_size != holdout_size:
+            raise ValueError(
+                f"This NEq state was saved by {len(shards)} process(es) and is loaded by {self.num_processes}, which "
+                "needs a held-out dataset given as holdout_dataset=... (the same one in both runs) so that NEq can "
+                "re-shard the reference outputs. Resume with the same number of processes, or pass holdout_dataset."
+            )
+        saved, now = len(shards), self.num_processes
+        out = []
+        for key_index in range(len(shards[0])):
+            parts = [s[key_index] for s in shards]
+            full = parts[0].new_empty((holdout_size,) + tuple(parts[0].shape[1:]))
+            for r, part in enumerate(parts):
+                full[r::saved] = part
+            out.append(full[self.process_index :: now].clone())
+        return out
+
+    def save_checkpoint(self, folder: str) -> None:
+        """Write this process's state to ``folder`` (the Trainer's checkpoint layout: one file per process)."""
+        os.makedirs(folder, exist_ok=True)
+        torch.save(self.tracker.state_dict(), os.path.join(folder, STATE_NAME.format(rank=self.process_index)))
+        if self.process_index == 0:
+            with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+                f.write(self.config.to_json_string())
+
+    def load_checkpoint(self, folder: str) -> bool:
+        """Read what [`save_checkpoint`] wrote and apply the restored masks; `False` (with a warning) when this
+        process's file is missing."""
+        path = os.path.join(folder, STATE_NAME.format(rank=self.process_index))
+        if not os.path.isfile(path):
+            logger.warning(
+                "Resuming without NEq state (%s not found): NEq starts over with a new reference check.", path
+            )
+            return False
+        self.tracker.load_state_dict(torch.load(path, map_location="cpu", weights_only=False), self._device())
+        self.freezer.apply(self.tracker.unit_active())
+        return True
+
+    # -- end of training and results ------------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._clock if self._clock is not None else 0.0
+
+    def close(self) -> None:
+        """Stop the training clock and release the model: every managed parameter trainable again, dense forward,
+        no backward stop. The tracker (masks, history) stays readable."""
+        self.train_seconds += self._elapsed()
+        self._clock = None
+        self.freezer.release()
+
+    def save_history(self, output_dir: str) -> str:
+        """Write the settings, the summary and every check's record to ``output_dir/neq_history.json``."""
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, HISTORY_NAME)
+        with open(path, "w") as f:
+            json.dump(
+                {"config": self.config.to_dict(), "summary": self.summary(), "checks": self.tracker.history},
+                f,
+                indent=1,
+            )
+        return path
+
+    def summary(self) -> dict:
+        """Final and average frozen fractions (overall, per kind, per layer) and what the checks cost."""
+        checks = [h for h in self.tracker.history if h["check"] > 0]
+        kinds = self.config.unit_kinds
+        train_seconds = self.train_seconds + self._elapsed()
+        out = {
+            "units": self.unit_map.summary(),
+            "checks": len(checks),
+            "check_every": self.check_every,
+            "check_seconds": self.check_seconds,
+            "train_seconds": train_seconds,
+            "check_time_fraction": self.check_seconds / train_seconds if train_seconds else None,
+            "reference_megabytes": self.tracker.reference_bytes() / 2**20,
+            "holdout_samples": self.holdout_size,
+        }
+        if not checks:
+            return out
+        last = checks[-1]
+        out["final_trainable_parameters"] = last["trainable_parameters"]
+        out["final_frozen_fraction"] = last["frozen_fraction"]
+        out["average_frozen_fraction"] = sum(h["frozen_fraction"] for h in checks) / len(checks)
+        for kind in kinds:
+            out[f"final_frozen_fraction/{kind}"] = last[f"frozen_fraction/{kind}"]
+            out[f"average_frozen_fraction/{kind}"] = sum(h[f"frozen_fraction/{kind}"] for h in checks) / len(checks)
+            out[f"final_per_layer/{kind}"] = last[f"per_layer/{kind}"]
+            layers = len(last[f"per_layer/{kind}"])
+            out[f"average_per_layer/{kind}"] = [
+                sum(h[f"per_layer/{kind}"][i] for h in checks) / len(checks) for i in range(layers)
+            ]
+        return out
+
+
+def resolve_schedule(config: NEqConfig, max_steps: Optional[int], num_epochs: Optional[int]) -> Union[int, str]:
+    """The check interval of a run (`"auto"` becomes 10 checks per run); raises a `ValueError` when the run is too
+    short for a single decision."""
+    every = config.check_every
+    if every == "auto":
+        # 10 checks per run: every 10% of the optimizer steps.
+        every = max(1, round(max_steps / AUTO_CHECKS)) if max_steps and max_steps > 0 else "epoch"
+    if every == "epoch":
+        n_checks, what = num_epochs, f"num_train_epochs={num_epochs}"
+    else:
+        n_checks, what = (max_steps // every if max_steps and max_steps > 0 else None), f"max_steps={max_steps}"
+    needed = config.warmup + 1
+    if n_checks is not None and n_checks < needed:
+        hint = (
+            f"Use a smaller number of steps, e.g. check_every={max(1, max_steps // (needed + 2))}."
+            if max_steps and max_steps > 0
+            else "Train for more epochs, or set check_every to a number of steps."
+        )
+        raise ValueError(
+            f"NEqConfig.check_every={config.check_every!r} leaves {n_checks} held-out check(s) in this run ({what}), "
+            f"but a decision needs {needed} (warmup={config.warmup} + 1): NEq would never freeze anything. {hint}"
+        )
+    return every
+
+
+def log_items(record: dict) -> dict[str, float]:
+    """A check's record as flat ``neq/...`` log keys (per-layer lists become ``neq/<kind>/layer_<i>``)."""
+    items = {}
+    for key, value in record.items():
+        if key.startswith("per_layer/"):
+            kind = key.split("/", 1)[1]
+            items.update({f"neq/{kind}/layer_{i}": v for i, v in enumerate(value)})
+        elif key in ("step", "epoch", "check") or value is None:
+            continue
+        else:
+            items[f"neq/{key}"] = value
+    return items
