@@ -11,6 +11,7 @@ from conftest import pad_collator, tiny_classifier, token_dataset, training_args
 import neq_hf.holdout as holdout
 from neq_hf import NEqConfig, NEqTrainer, split_holdout
 from neq_hf.holdout import (
+    HoldoutTooSmallError,
     OutputRecorder,
     build_holdout_loader,
     count_reference_rows,
@@ -51,12 +52,12 @@ def test_holdout_count_custom_floor_and_cap():
 
 @pytest.mark.parametrize("size, n_train", [(1, 96), (0.01, 5), (0.1, 9)])
 def test_single_sample_is_refused(size, n_train):
-    with pytest.raises(ValueError, match="has 1 sample.*phi.*holdout_size"):
+    with pytest.raises(HoldoutTooSmallError, match="has 1 sample.*phi.*holdout_size"):
         holdout_count(size, n_train)
 
 
 def test_empty_and_too_large_splits_are_refused():
-    with pytest.raises(ValueError, match="would be empty"):
+    with pytest.raises(HoldoutTooSmallError, match="would be empty"):
         holdout_count(0.01, 4)
     with pytest.raises(ValueError, match="not smaller than the training set"):
         holdout_count(96, 96)
@@ -95,7 +96,7 @@ def test_loader_warns_below_the_floor_and_refuses_one_sample(caplog):
     with caplog.at_level(logging.WARNING, logger="neq_hf.holdout"):
         build_holdout_loader(token_dataset(64), model, pad_collator, 4, min_samples=64)
     assert FLOOR_WARNING not in caplog.text
-    with pytest.raises(ValueError, match="has 1 sample"):
+    with pytest.raises(HoldoutTooSmallError, match="has 1 sample"):
         build_holdout_loader(token_dataset(1), model, pad_collator, 4, min_samples=64)
 
 
@@ -289,3 +290,38 @@ def test_available_memory_on_cpu():
     available = holdout.available_memory(torch.device("cpu"))
     assert available is not None and available > 2**20
     assert holdout.available_memory(torch.device("meta")) is None
+
+
+# -- through NEqTrainer ---------------------------------------------------------------------------------------------
+def _train(tmp_path, max_steps=4, **config):
+    trainer = NEqTrainer(
+        model=tiny_classifier("bert"),
+        args=training_args(tmp_path / "out", max_steps=max_steps),
+        train_dataset=token_dataset(96),
+        data_collator=pad_collator,
+        neq_config=NEqConfig(check_every=2, **config),
+    )
+    trainer.train()
+    return trainer
+
+
+def test_trainer_warns_once_and_reports_the_held_out_size(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="neq_hf"):
+        trainer = _train(tmp_path, max_steps=6)
+    assert sum(FLOOR_WARNING in r.getMessage() for r in caplog.records) == 1
+    assert trainer.neq_callback.tracker.reference_rows == 19
+    assert trainer.neq_summary()["holdout_samples"] == 19
+
+
+def test_trainer_with_token_pooling_none(tmp_path):
+    trainer = _train(tmp_path, token_pooling="none", holdout_size=24, eps=1.0)
+    tokens = sum(len(x) for x in trainer.neq_dataset["input_ids"])
+    tracker = trainer.neq_callback.tracker
+    assert tracker.reference_rows == tokens
+    assert all(r.shape[0] == tokens for r in tracker.reference.values())
+    assert trainer.neq_summary()["final_frozen_fraction"] == 1.0  # eps=1.0: the decisions ran on per-token phi
+
+
+def test_trainer_refuses_a_reference_above_the_budget(tmp_path):
+    with pytest.raises(ValueError, match="holdout_memory_budget_mb=0.001"):
+        _train(tmp_path, holdout_memory_budget_mb=0.001)
