@@ -186,12 +186,15 @@ class NEq:
 
     # -- in the training loop -------------------------------------------------------------------------------------
     def before_optimizer_step(self, optimizer) -> None:
-        """Call just before ``optimizer.step()``."""
-        self.freezer.before_optimizer_step(optimizer)
+        """Call just before ``optimizer.step()``. An Accelerate optimizer inside ``accelerator.accumulate`` that will
+        skip this step (gradients still accumulating) is left alone, so the calls may wrap every ``step()``."""
+        if not _skips_step(optimizer):
+            self.freezer.before_optimizer_step(optimizer)
 
     def after_optimizer_step(self, optimizer) -> None:
-        """Call just after ``optimizer.step()``: restores the frozen rows and their optimizer state."""
-        self.freezer.after_optimizer_step(optimizer)
+        """Call just after ``optimizer.step()``: the frozen rows and their optimizer state stay as they were."""
+        if not _skips_step(optimizer):
+            self.freezer.after_optimizer_step(optimizer)
 
     def step_end(self, global_step: int, epoch: Optional[float] = None) -> Optional[dict]:
         """Call after optimizer step number ``global_step`` (1-based); runs a check when one is due and returns its
@@ -396,6 +399,12 @@ class NEq:
                 sum(h[f"per_layer/{kind}"][i] for h in checks) / len(checks) for i in range(layers)
             ]
         return out
+
+
+def _skips_step(optimizer) -> bool:
+    """Whether ``optimizer.step()`` is a no-op now: Accelerate's optimizer steps only when gradients are synced."""
+    state = getattr(optimizer, "gradient_state", None)
+    return state is not None and not state.sync_gradients
 
 
 def resolve_schedule(config: NEqConfig, max_steps: Optional[int], num_epochs: Optional[int]) -> Union[int, str]:
