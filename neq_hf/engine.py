@@ -41,6 +41,7 @@ from .config import NEqConfig
 from .distributed import check_engine, reduce_device
 from .freezing import Freezer
 from .holdout import OutputRecorder, build_holdout_loader, plan_reference
+from .prefix_cache import FrozenPrefixCache
 from .tracker import EquilibriumTracker
 from .units import UnitMap, discover_units
 
@@ -150,6 +151,10 @@ class NEq:
         )
         first = next(iter(self.loader))
         self.freezer.locate_embeddings(self.model, lambda: self._forward_once(first))
+        self.prefix_cache: Optional[FrozenPrefixCache] = None  # NEqConfig.cache_frozen_prefix; hooked by setup()
+        if self.config.cache_frozen_prefix:
+            mb = self.config.prefix_cache_megabytes
+            self.prefix_cache = FrozenPrefixCache(self.model, self.unit_map.layer_list, max_megabytes=mb)
         self.check_every: Union[int, str] = self.config.check_every  # "auto" is resolved by setup()
         self.check_seconds = 0.0
         self.train_seconds = 0.0
@@ -166,6 +171,8 @@ class NEq:
             num_epochs: epochs of the run, when it is bounded by epochs (validates `check_every="epoch"`).
         """
         self.check_every = resolve_schedule(self.config, max_steps, num_epochs)
+        if self.prefix_cache is not None:  # (again after close(): a resumed run rebuilds the cache)
+            self.prefix_cache.locate(lambda: self._forward_once(next(iter(self.loader))))
         self._clock = time.perf_counter()
         if self.tracker.t == 0:
             self.run_check(0, 0.0)  # the reference outputs
@@ -227,6 +234,8 @@ class NEq:
 
         figures = self.tracker.check(run_pass, self._all_reduce)
         self.freezer.apply(self.tracker.unit_active())
+        if self.prefix_cache is not None:
+            self.prefix_cache.update(self.freezer)
         elapsed = time.perf_counter() - start
         self.check_seconds += elapsed
         if figures["nonfinite_units"]:
@@ -292,6 +301,8 @@ class NEq:
         tracker = dict(state["tracker"], reference=self._own_shard(shards, state.get("holdout_size")))
         self.tracker.load_state_dict(tracker, self._device())
         self.freezer.apply(self.tracker.unit_active())
+        if self.prefix_cache is not None:
+            self.prefix_cache.update(self.freezer)
         self.check_every = state["check_every"]
         self.check_seconds = state["check_seconds"]
         self.train_seconds = state["train_seconds"]
@@ -344,6 +355,8 @@ class NEq:
             return False
         self.tracker.load_state_dict(torch.load(path, map_location="cpu", weights_only=False), self._device())
         self.freezer.apply(self.tracker.unit_active())
+        if self.prefix_cache is not None:
+            self.prefix_cache.update(self.freezer)
         return True
 
     # -- end of training and results ------------------------------------------------------------------------------
@@ -356,6 +369,8 @@ class NEq:
         self.train_seconds += self._elapsed()
         self._clock = None
         self.freezer.release()
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
     def save_history(self, output_dir: str) -> str:
         """Write the settings, the summary and every check's record to ``output_dir/neq_history.json``."""
@@ -384,6 +399,8 @@ class NEq:
             "reference_megabytes": self.tracker.reference_bytes() / 2**20,
             "holdout_samples": self.holdout_size,
         }
+        if self.prefix_cache is not None:
+            out["prefix_cache"] = self.prefix_cache.summary()
         if not checks:
             return out
         last = checks[-1]

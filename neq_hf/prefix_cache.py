@@ -226,11 +226,19 @@ class FrozenPrefixCache:
         if not self._located:
             return 0
         depth = 0
-        if not any(p.requires_grad for p in self._prefix_params):
-            for params in self._layer_params:
-                if any(p.requires_grad for p in params):
-                    break
-                depth += 1
+        for params in self._layer_params:
+            if any(p.requires_grad for p in params):
+                break
+            depth += 1
+        if depth and any(p.requires_grad for p in self._prefix_params):
+            if "embeddings" not in self._warned:
+                self._warned.add("embeddings")
+                logger.warning(
+                    "NEq frozen-prefix cache: %d layer(s) are frozen but the embeddings still train (tied to the "
+                    "output head, or NEqConfig.freeze_embeddings=False), so nothing can be cached.",
+                    depth,
+                )
+            depth = 0
         versions = self._version_sums(depth)
         old = min(len(self._versions), len(versions))
         if self._index and (depth < self.depth or versions[:old] != self._versions[:old]):

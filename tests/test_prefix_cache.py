@@ -313,3 +313,77 @@ def test_config_fields():
         NEqConfig(cache_frozen_prefix=True, freeze_embeddings=False)
     with pytest.raises(ValueError, match="prefix_cache_megabytes"):
         NEqConfig(prefix_cache_megabytes=0)
+
+
+def test_tied_embeddings_that_train_disable_the_cache(caplog):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config("gpt2"))
+    unit_map = discover_units(model)
+    batch = batch_of(token_dataset(8), range(8))
+    cache = with_cache(model, unit_map, batch)
+    for p in unit_map.layer_list[0].parameters():
+        p.requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="neq_hf.prefix_cache"):
+        assert cache.update() == 0  # wte is tied to lm_head and trains
+    assert "embeddings still train" in caplog.text
+    model.transformer.wte.weight.requires_grad_(False)
+    model.transformer.wpe.weight.requires_grad_(False)
+    assert cache.update() == 1
+
+
+# -- inside the Trainer ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def scripted_freezing(monkeypatch):
+    """Decisions by script (check t runs at step 2t - 2): layer 0 frozen at step 2, released at step 4, frozen again
+    at steps 6-10, layers 0 and 1 frozen from step 12. With 10 steps an epoch, the cache fills, is invalidated, refills,
+    is served in the second epoch and extends."""
+    from neq_hf.tracker import EquilibriumTracker
+
+    original = EquilibriumTracker.check
+
+    def check(self, *args, **kwargs):
+        figures = original(self, *args, **kwargs)
+        frozen_layers = {2: 1, 3: 0, 4: 1, 5: 1, 6: 1}.get(self.t, 2 if self.t >= 7 else 0)
+        for key, mask in self.frozen.items():
+            self.frozen[key] = torch.full_like(mask, key[0] < frozen_layers)
+        return figures
+
+    monkeypatch.setattr(EquilibriumTracker, "check", check)
+
+
+def _cached_run(tmp_path, name, resume=None):
+    from conftest import training_args
+
+    from neq_hf import NEqTrainer
+
+    trainer = NEqTrainer(
+        model=build("bert", seed=3)[0],
+        args=training_args(
+            tmp_path / name, max_steps=16, save_strategy="steps", save_steps=8, learning_rate=3e-3, seed=1
+        ),
+        train_dataset=token_dataset(96),
+        data_collator=pad_collator,
+        neq_config=NEqConfig(check_every=2, holdout_size=16, cache_frozen_prefix=True),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, trainer.neq_callback.engine.prefix_cache
+
+
+def test_trainer_run_with_cache_resumes_like_an_uninterrupted_run(tmp_path, scripted_freezing):
+    full, cache_full = _cached_run(tmp_path, "full")
+    stats = cache_full.stats
+    assert stats["served"] > 0 and stats["computed"] > 0 and stats["extended"] > 0 and stats["invalidations"] >= 1
+    ckpt = tmp_path / "full" / "checkpoint-8"
+    assert not any("prefix" in f.name for f in ckpt.iterdir())  # the cache is not checkpointed
+    resumed, cache_resumed = _cached_run(tmp_path, "resumed", resume=str(ckpt))
+    assert cache_resumed.stats["served"] > 0 and cache_resumed.stats["computed"] > 0
+    params = dict(resumed.model.named_parameters())
+    for n, p in full.model.named_parameters():
+        torch.testing.assert_close(params[n], p, rtol=1e-5, atol=1e-6, msg=n)
+    losses = [h["loss"] for h in full.state.log_history if "loss" in h]
+    losses_resumed = [h["loss"] for h in resumed.state.log_history if "loss" in h]
+    assert losses[-1] == pytest.approx(losses_resumed[-1], rel=1e-5)
+    # hooks and patches are gone after training: a plain forward again
+    assert not any("forward" in m.__dict__ for m in full.model.modules())
