@@ -219,3 +219,32 @@ def test_bad_input():
         NEq(model, NEqConfig())
     with pytest.raises(TypeError, match="NEqConfig"):
         NEq(model, {"eps": 1e-3}, token_dataset(8))
+
+
+@pytest.fixture
+def free_port_env(monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
+def test_ddp_wrapper_settings_are_checked(monkeypatch, free_port_env):
+    """A custom loop hands NEq the DDP wrapper: find_unused_parameters=False or static_graph=True is refused."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import neq_hf.distributed as distributed
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(distributed, "_world_size", lambda args: 2)  # as if a second process ran beside
+        with pytest.raises(ValueError, match=r"DistributedDataParallelKwargs\(find_unused_parameters=True\)"):
+            engine(DistributedDataParallel(tiny_classifier()))
+        with pytest.raises(ValueError, match="static_graph=True"):
+            engine(DistributedDataParallel(tiny_classifier(), find_unused_parameters=True, static_graph=True))
+        model = tiny_classifier()
+        neq = engine(DistributedDataParallel(model, find_unused_parameters=True))
+        assert neq.model is model  # held-out passes run the bare model, never DDP's forward
+    finally:
+        dist.destroy_process_group()
