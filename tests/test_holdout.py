@@ -194,6 +194,58 @@ def test_token_pooling_none_matches_a_hand_per_token_cosine():
     assert differs > 1e-3
 
 
+def test_token_pooling_none_shards_add_up_to_the_single_process_phi():
+    """Two processes each keep the tokens of their samples; the all-reduced sums give the single-process phi."""
+    import copy
+    import threading
+
+    model = tiny_classifier("bert", seed=1)
+    dataset = token_dataset(11, seed=2, with_labels=False, min_len=3, max_len=15)
+    torch.manual_seed(0)
+    delta = {n: 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+    models = [copy.deepcopy(model) for _ in range(3)]  # single process, rank 0, rank 1
+
+    def perturb(m):
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.add_(delta[n])
+
+    trackers, passes = [], []
+    for m, (rank, world) in zip(models, [(0, 1), (0, 2), (1, 2)]):
+        units = discover_units(m)
+        config = NEqConfig(token_pooling="none")
+        tracker = EquilibriumTracker(units, config)
+        recorder = OutputRecorder(units, config.unit_kinds, "none")
+        loader = build_holdout_loader(dataset, m, pad_collator, 3, rank, world)
+        tracker.reference_rows = count_reference_rows(loader, "none")
+        run = (lambda r, mm, ld: lambda on_batch: r.run(mm, ld, torch.device("cpu"), on_batch))(recorder, m, loader)
+        tracker.check(run)
+        perturb(m)
+        trackers.append(tracker)
+        passes.append(run)
+    assert trackers[1].reference_rows + trackers[2].reference_rows == trackers[0].reference_rows
+    trackers[0].check(passes[0])
+
+    barrier, flats = threading.Barrier(2), [None, None]
+
+    def reduce_for(rank):
+        def reduce(flat):
+            flats[rank] = flat
+            barrier.wait()
+            return flats[0] + flats[1]
+
+        return reduce
+
+    threads = [threading.Thread(target=trackers[1 + r].check, args=(passes[1 + r], reduce_for(r))) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key in trackers[0].keys:
+        torch.testing.assert_close(trackers[1].phi[key], trackers[0].phi[key], atol=1e-6, rtol=0)
+        torch.testing.assert_close(trackers[2].phi[key], trackers[0].phi[key], atol=1e-6, rtol=0)
+
+
 # -- memory of the reference ----------------------------------------------------------------------------------------
 def _setup(pooling, n=13, batch_size=4, kinds=("heads", "neurons"), model_type="bert"):
     model = tiny_classifier(model_type)
