@@ -377,3 +377,16 @@ def test_trainer_with_token_pooling_none(tmp_path):
 def test_trainer_refuses_a_reference_above_the_budget(tmp_path):
     with pytest.raises(ValueError, match="holdout_memory_budget_mb=0.001"):
         _train(tmp_path, holdout_memory_budget_mb=0.001)
+
+
+def test_per_token_reference_is_not_resharded_over_another_process_count():
+    from neq_hf.engine import NEq
+
+    dataset = token_dataset(12, seed=3, with_labels=False)
+    neq = NEq(tiny_classifier("bert"), NEqConfig(token_pooling="none"), dataset, data_collator=pad_collator)
+    neq.setup(max_steps=10)
+    state = neq.state_dict()
+    assert len(state["reference_shards"]) == 1
+    state["reference_shards"] = state["reference_shards"] * 2  # as if saved by two processes
+    with pytest.raises(ValueError, match="token_pooling='none'.*same number of processes"):
+        neq.load_state_dict(state)
