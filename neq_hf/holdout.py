@@ -9,14 +9,15 @@ ways (`NEqConfig.token_pooling`):
 - ``"none"``: every real token's output (padding excluded), the paper's "every output position".
 
 The outputs of the previous check (the reference) are kept per unit in float32 on the model's device, in one tensor
-per layer and kind allocated before the first pass (no concatenation, so no second copy at the first check). They cost
+per layer and kind, allocated at its full size (sized by :func:`plan_reference`) when the first batch arrives: no
+concatenation, so no second copy at the first check. They cost
 
     4 bytes x rows (on this process) x sum over layers of (hidden width of the heads + MLP width)
 
 where rows is the number of held-out samples (``"mean"``) or of their real tokens (``"none"``): e.g. 256 samples of
-MiniLM-L6 (6 x (384 + 1536)): 11.8 MB, and ~12x that per token for sentences of ~12 tokens. In a multi-process run
-each process keeps only its shard. Every checkpoint stores the same bytes again (``neq_state_rank*.pt``).
-:func:`plan_reference` estimates them before the first check, warns above
+MiniLM-L6 (6 x (384 + 1536)): 11.8 MB, and ~14x that with ``"none"`` on SST-2 sentences (~14 real tokens). In a
+multi-process run each process keeps only its shard. Every checkpoint stores the same bytes again
+(``neq_state_rank*.pt``). :func:`plan_reference` estimates them before the first check, warns above
 ``MEMORY_WARN_FRACTION`` of the device's available memory and refuses above `NEqConfig.holdout_memory_budget_mb`.
 
 Size of a carved split (:func:`holdout_count`): a fraction of the training set is raised to
