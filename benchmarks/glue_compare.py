@@ -29,8 +29,12 @@ from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "glue.py")
-METHODS = ("full", "lora", "neq", "neq_lora")  # baselines first: NEq runs record their time ratio to them
-BASELINE = {"neq": "full", "neq_lora": "lora"}
+# Baselines first: later runs record their time ratio to them. freeze_bottom<K>: a plain Trainer with the embeddings
+# and the bottom K layers frozen from step 0 (glue.py --method freeze_bottom --freeze_bottom_layers K).
+METHODS = ("full", "lora", "neq", "neq_lora", "freeze_bottom2", "freeze_bottom3")
+TABLE_ORDER = ("full", "neq", "freeze_bottom2", "freeze_bottom3", "lora", "neq_lora")
+BASELINE = {"neq": "full", "neq_lora": "lora", "freeze_bottom2": "full", "freeze_bottom3": "full"}
+FREEZE_BOTTOM = "freeze_bottom"
 TASKS = ("sst2", "mrpc", "rte")
 DEFAULT_SEEDS = {"sst2": [0], "mrpc": [0, 1], "rte": [0, 1]}
 DEFAULT_TRAIN_CAPS = {"sst2": 2000, "mrpc": 2000, "rte": 2000}
@@ -49,7 +53,13 @@ README_START, README_END = "<!-- glue-results:start -->", "<!-- glue-results:end
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(TASKS), help="GLUE tasks (folders of --glue_dir).")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        choices=METHODS,
+        help="Methods to run; freeze_bottom2/3 freeze the embeddings and the bottom 2/3 layers from step 0.",
+    )
     p.add_argument("--seeds", nargs="+", type=int, help="Seeds for every task (default: SST-2 0; MRPC, RTE 0 1).")
     p.add_argument("--model", default="minilm", help="--model_name_or_path of glue.py (default: packaged MiniLM).")
     p.add_argument(
@@ -65,7 +75,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--max_seq_length", type=int, default=128)
-    p.add_argument("--lr_full", type=float, default=5e-5, help="Learning rate of full and neq.")
+    p.add_argument("--lr_full", type=float, default=5e-5, help="Learning rate of full, neq and freeze_bottom2/3.")
     p.add_argument("--lr_lora", type=float, default=5e-4, help="Learning rate of lora and neq_lora.")
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_alpha", type=int, default=16)
@@ -108,7 +118,7 @@ def run_command(args: argparse.Namespace, task: str, method: str, seed: int, out
         sys.executable, EXAMPLE,
         "--model_name_or_path", args.model,
         "--task_name", task,
-        "--method", method,
+        *glue_method_args(method),
         "--output_dir", output_dir,
         "--seed", str(seed),
         "--learning_rate", str(learning_rate(args, method)),
@@ -141,10 +151,18 @@ def run_command(args: argparse.Namespace, task: str, method: str, seed: int, out
             "--holdout_size",
             f"{args.holdout_size:g}",
         ]
+    if method in BASELINE:
         baseline = result_path(args.results_dir, task, BASELINE[method], seed)
         if os.path.isfile(baseline):
             cmd += ["--baseline_results", baseline]
     return cmd + shlex.split(args.extra_args)
+
+
+def glue_method_args(method: str) -> list[str]:
+    """glue.py's method flags: ``freeze_bottom3`` is ``--method freeze_bottom --freeze_bottom_layers 3``."""
+    if method.startswith(FREEZE_BOTTOM):
+        return ["--method", FREEZE_BOTTOM, "--freeze_bottom_layers", method[len(FREEZE_BOTTOM) :]]
+    return ["--method", method]
 
 
 def harness_command(argv: list[str]) -> str:
@@ -262,7 +280,8 @@ def render_table(results: list[dict]) -> str:
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in tasks:
-        for method in (m for m in ("full", "neq", "lora", "neq_lora") if (task, m) in groups):
+        ordered = [m for m in TABLE_ORDER if (task, m) in groups]
+        for method in ordered + sorted(m for t, m in groups if t == task and m not in ordered):
             runs = sorted(groups[(task, method)], key=lambda r: r["seed"])
             metrics = " / ".join(
                 f"{METRIC_TITLES.get(name, name)} {_spread([r['metrics'][name] for r in runs], 100)}"
@@ -330,7 +349,7 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
         by_method[method] += runs
     lrs = ", ".join(
         f"{m} {'/'.join(f'{v:g}' for v in _unique(r['learning_rate'] for r in by_method[m]))}"
-        for m in ("full", "neq", "lora", "neq_lora")
+        for m in [*TABLE_ORDER, *sorted(set(by_method) - set(TABLE_ORDER))]
         if m in by_method
     )
     neq = next((r for r in results if "neq" in r), None)

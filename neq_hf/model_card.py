@@ -519,7 +519,7 @@ def card_sections(
     """Text for the Trainer card's "More information needed" sections, from what the run knows (``method``: how it
     was fine-tuned, e.g. ``"NEq freezing"`` or ``"LoRA"``); a section about which nothing is known is dropped
     (``None``)."""
-    base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a pretrained model"
+    base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A pretrained model"
     on = f" on {dataset}" if dataset else ""
     description = f"{base} fine-tuned{on} with {method}."
     if "NEq" in method:

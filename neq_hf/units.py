@@ -33,6 +33,13 @@ class ArchitectureSpec:
 
     Give either ``q``, ``k`` and ``v`` or a fused ``qkv`` (GPT-2's ``c_attn``, laid out ``[Q | K | V]``).
     ``layers`` is the path of the ``nn.ModuleList`` of layers, matched as a suffix so any wrapper prefix works.
+    ``up`` (and ``gate``) map the hidden size to the MLP width, ``down`` maps it back; ``o`` is the attention output
+    projection, whose input is the heads' outputs side by side.
+
+    ``num_heads``, ``num_kv_heads`` and ``head_dim`` give the attention layout for models without a transformers
+    config (a plain ``nn.Module``); when left out they are read from ``model.config`` (``num_attention_heads``,
+    ``num_key_value_heads``, ``head_dim``), ``num_kv_heads`` defaults to ``num_heads`` and ``head_dim`` to the
+    attention width over ``num_heads``.
     """
 
     layers: str
@@ -44,10 +51,22 @@ class ArchitectureSpec:
     v: Optional[str] = None
     qkv: Optional[str] = None
     gate: Optional[str] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
 
     def __post_init__(self):
         if (self.qkv is None) == (self.q is None or self.k is None or self.v is None):
             raise ValueError("ArchitectureSpec needs either all of q, k, v or a fused qkv, not both.")
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ArchitectureSpec.{name}={value!r} is invalid: expected None or an integer >= 1.")
+        if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ArchitectureSpec.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} (each K/V "
+                "head is shared by the same number of query heads)."
+            )
 
 
 _BERT = ArchitectureSpec(
@@ -96,7 +115,14 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 
 
 def register_architecture(model_type: str, spec: ArchitectureSpec) -> None:
-    """Teach NEq where the heads and neurons of ``model_type`` live."""
+    """Teach NEq where the heads and neurons of ``model_type`` live.
+
+    ``model_type`` is the ``config.model_type`` of a transformers model, or the class name of a model without a
+    config (``type(model).__name__``); give such a model's head count in the spec (``num_heads=...``). The spec is
+    checked against the model's modules when NEq maps its units.
+    """
+    if not isinstance(spec, ArchitectureSpec):
+        raise TypeError(f"register_architecture needs an ArchitectureSpec, got {type(spec).__name__}.")
     ARCHITECTURES[model_type] = spec
 
 
@@ -298,6 +324,34 @@ def _get(layer: nn.Module, path: str, layer_name: str) -> nn.Module:
     return module
 
 
+def _shape(module: nn.Module) -> str:
+    base = _base_layer(module)
+    return f"{_features(base, 'in')} -> {_features(base, 'out')} features"
+
+
+def _check_shapes(layer_name: str, spec: ArchitectureSpec, roles: list, o_mod: nn.Module, down_mod: nn.Module):
+    """The spec's modules must chain as a transformer layer does: Q/K/V and up/gate read the hidden size that the
+    attention output and down projections write, and down reads what up writes. Catches swapped or misnamed
+    modules, which would otherwise map the wrong rows to units."""
+    hidden = _features(_base_layer(o_mod), "out")
+    wrong = []
+    if _features(_base_layer(down_mod), "out") != hidden:
+        wrong.append(f"`{spec.down}` (down, {_shape(down_mod)}) must write the hidden size {hidden}")
+    for path, module, axis, *_ in roles:
+        if axis == "out" and _features(_base_layer(module), "in") != hidden:
+            role = "up" if path == spec.up else ("gate" if path == spec.gate else "q/k/v")
+            wrong.append(f"`{path}` ({role}, {_shape(module)}) must read the hidden size {hidden}")
+    if wrong:
+        up_mod = next(m for p, m, *_ in roles if p == spec.up)
+        swapped = _features(_base_layer(up_mod), "in") == _features(_base_layer(down_mod), "out") != hidden
+        hint = " Are `up` and `down` swapped?" if swapped else ""
+        raise UnsupportedModelError(
+            f"{layer_name}: the ArchitectureSpec does not match the modules (hidden size {hidden}, the output of "
+            f"`{spec.o}` (o, {_shape(o_mod)})): " + "; ".join(wrong) + f".{hint} Fix the module paths given to "
+            "`neq_hf.register_architecture`."
+        )
+
+
 def discover_units(model: nn.Module) -> UnitMap:
     """Map every attention head and MLP neuron of ``model`` (a transformers model, possibly peft-wrapped)."""
     config = _text_config(model)
@@ -316,11 +370,16 @@ def discover_units(model: nn.Module) -> UnitMap:
             "from the registered one, register it with `neq_hf.register_architecture`."
         )
 
-    num_heads = getattr(config, "num_attention_heads", None)
+    num_heads = spec.num_heads or getattr(config, "num_attention_heads", None)
     if not num_heads:
-        raise UnsupportedModelError(f"The config of this {model_type!r} model has no `num_attention_heads`.")
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None)
+        where = "Its config has" if config is not None else "It has no transformers config, and so"
+        raise UnsupportedModelError(
+            f"NEq needs the number of attention heads of this {model_type!r} model. {where} no "
+            "`num_attention_heads`: give it in the architecture spec, e.g. `neq_hf.register_architecture("
+            f"{model_type!r}, ArchitectureSpec(..., num_heads=8, num_kv_heads=None, head_dim=None))`."
+        )
+    num_kv_heads = spec.num_kv_heads or getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = spec.head_dim or getattr(config, "head_dim", None)
 
     layers = []
     for index, layer in enumerate(layer_list):
@@ -356,6 +415,7 @@ def discover_units(model: nn.Module) -> UnitMap:
         roles.append((spec.up, _get(layer, spec.up, layer_name), "out", "neurons", per_neuron))
         roles.append((spec.down, down_mod, "in", "neurons", per_neuron))
 
+        _check_shapes(layer_name, spec, roles, o_mod, down_mod)
         bindings: list[Binding] = []
         for path, module, axis, kind, units in roles:
             base = _base_layer(module)

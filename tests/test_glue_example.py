@@ -210,6 +210,8 @@ def test_parser_takes_script_neq_and_trainer_flags(tmp_path):
         (["--task_name", "rte", "--glue_dir", "x", "--train_file", "a.csv", "--validation_file", "b.csv"], "not both"),
         (["--train_file", "a.tsv", "--validation_file", "b.tsv"], ".csv, .json or .jsonl"),
         (["--task_name", "rte", "--eps", "-1"], "NEqConfig.eps"),
+        (["--task_name", "rte", "--method", "freeze_bottom"], "needs --freeze_bottom_layers K"),
+        (["--task_name", "rte", "--freeze_bottom_layers", "2"], "only applies to --method freeze_bottom"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, argv, error):
@@ -284,7 +286,7 @@ def mrpc_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["neq", "lora", "neq_lora"])
-def test_main_end_to_end(tiny_bert, mrpc_dir, tmp_path, method):
+def test_main_end_to_end(tiny_bert, mrpc_dir, tmp_path, method, capsys):
     out = tmp_path / method
     results = glue.main(
         ["--model_name_or_path", tiny_bert, "--task_name", "mrpc", "--method", method, "--glue_dir", mrpc_dir,
@@ -321,6 +323,60 @@ def test_main_end_to_end(tiny_bert, mrpc_dir, tmp_path, method):
     if method == "neq_lora":
         assert "library_name: peft" in card and "- lora" in card
         assert (out / "adapter_config.json").exists()
+    # The run ends with a labelled summary on stdout, saying where everything went.
+    printed = capsys.readouterr().out
+    summary = printed[printed.index("== Run summary: mrpc · " + method) :]
+    assert f"accuracy {saved['metrics']['accuracy']:.4f}" in summary and "train time:" in summary
+    assert f"results: {out / 'results.json'}" in summary and f"model card: {out / 'README.md'}" in summary
+    assert "More information needed" not in card
+    assert f"\n# {os.path.basename(tiny_bert)}-mrpc-{method}\n" in card  # not the output folder's name
+    if method.startswith("neq"):
+        assert "frozen units at the end:" in summary and "check overhead: 4 checks on 8 held-out" in summary
+        assert f"frozen-fraction heatmap: {out / 'neq_frozen_heatmap.png'}" in summary
+        # The per-check line a human reads is short; the full figures stay in the history.
+        per_check = [line for line in printed.splitlines() if "'neq/frozen_fraction'" in line]
+        assert per_check and not any("layer_" in line or "one_minus_phi" in line for line in per_check)
+
+
+def test_short_logs_keep_the_frozen_fractions_only():
+    logs = {"loss": 0.5, "neq/frozen_fraction": 0.25, "neq/frozen_fraction/heads": 0.5, "neq/heads/layer_0": 1.0}
+    logs["neq/one_minus_phi/heads"] = 1e-3
+    assert glue.short_logs(logs) == {"loss": 0.5, "neq/frozen_fraction": 0.25, "neq/frozen_fraction/heads": 0.5}
+    assert len(logs) == 5  # the Trainer's own dict is left whole
+
+
+def test_freeze_bottom_trains_only_above_the_frozen_layers(tiny_bert, mrpc_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    out = tmp_path / "fb"
+    results = glue.main(
+        ["--model_name_or_path", tiny_bert, "--task_name", "mrpc", "--method", "freeze_bottom",
+         "--freeze_bottom_layers", "1", "--glue_dir", mrpc_dir, "--output_dir", str(out), "--max_train_samples", "32",
+         "--max_eval_samples", "8", "--max_steps", "3", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
+         "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    assert results["method"] == "freeze_bottom1" and results["freeze_bottom_layers"] == 1
+    before = BertModel.from_pretrained(tiny_bert).state_dict()
+    after = {k.removeprefix("bert."): v for k, v in load_file(str(out / "model.safetensors")).items()}
+    frozen = [k for k in before if k.startswith(("embeddings.", "encoder.layer.0."))]
+    trained = [k for k in before if k.startswith("encoder.layer.1.")]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("weight"))
+    expected = sum(after[k].numel() for k in after if not k.startswith(("embeddings.", "encoder.layer.0.")))
+    assert results["trainable_parameters"] == expected < results["total_parameters"]
+    assert "frozen from step 0: the embeddings and the bottom 1 layer(s)" in capsys.readouterr().out
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "the embeddings and the bottom 1 layer(s) frozen from the start" in card
+
+
+def test_freeze_bottom_refuses_more_layers_than_the_model_has():
+    from conftest import tiny_classifier
+
+    with pytest.raises(ValueError, match="--freeze_bottom_layers 3: the model has only 2 layers"):
+        glue.freeze_bottom(tiny_classifier(), 3)
 
 
 # -- the comparison harness -------------------------------------------------------------------------------------------
@@ -358,6 +414,8 @@ def test_harness_table_and_readme_block(tmp_path):
         fake_result("neq", 1, 0.62, 70.0),
         fake_result("lora", 0, 0.55, 80.0),
         fake_result("neq_lora", 0, 0.55, 60.0),
+        fake_result("freeze_bottom2", 0, 0.63, 75.0),
+        fake_result("freeze_bottom2", 1, 0.61, 75.0),
     ]
     table = glue_compare.render_table(results)
     rows = {line.split(" | ")[1]: line for line in table.splitlines() if line.startswith("| RTE")}
@@ -365,8 +423,18 @@ def test_harness_table_and_readme_block(tmp_path):
     assert "acc 62.0 ± 2.8" in rows["full"] and "acc 62.0 ± 0.0" in rows["neq"] and "acc 55.0 |" in rows["lora"]
     assert "0.70× full" in rows["neq"] and "0.60× full, 0.75× lora" in rows["neq_lora"]
     assert "22.70M → 11.00M" in rows["neq"] and "50.0% (heads 25%, neurons 50%)" in rows["neq"]
-    assert "full 5e-05, neq 5e-05, lora 0.0005, neq_lora 0.0005" in table and "`python bench`" in table
+    assert "full 5e-05, neq 5e-05, freeze_bottom2 5e-05, lora 0.0005, neq_lora 0.0005" in table
+    assert "`python bench`" in table
     assert "RTE: all 2490 training samples" in table and "RTE 0,1" in table
+    assert "acc 62.0 ± 1.4" in rows["freeze_bottom2"] and "0.75× full" in rows["freeze_bottom2"]
+    order = [line.split(" | ")[1] for line in table.splitlines() if line.startswith("| RTE")]
+    assert order == ["full", "neq", "freeze_bottom2", "lora", "neq_lora"]
+    args = glue_compare.parse_args(["--results_dir", str(tmp_path)])
+    cmd = glue_compare.run_command(args, "sst2", "freeze_bottom3", 0, str(tmp_path / "run"))
+    assert cmd[cmd.index("--method") : cmd.index("--method") + 4] == [
+        "--method", "freeze_bottom", "--freeze_bottom_layers", "3"
+    ]  # fmt: skip
+    assert "--eps" not in cmd
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\n{glue_compare.README_START}\nold\n{glue_compare.README_END}\n\nKeep me.\n")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_classifier, unit_mask
+from conftest import snapshot, tiny_classifier, unit_mask
 from torch import nn
 
 from neq_hf import ArchitectureSpec, Freezer, UnsupportedModelError, discover_units, register_architecture
@@ -179,3 +179,117 @@ def test_tied_embeddings_keep_training_through_the_head():
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.lm_head.weight.grad is not None
     assert all(p.grad is None for p in model.model.layers.parameters())
+
+
+class _Attn(nn.Module):
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(hidden, hidden) for _ in range(4))
+
+
+class _MLP(nn.Module):
+    def __init__(self, hidden=16, width=24):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(hidden, width), nn.Linear(width, hidden)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.mlp = _Attn(), _MLP()
+
+
+class PlainModel(nn.Module):
+    """No transformers config: NEq looks it up by class name."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+
+
+_PLAIN = dict(layers="blocks", q="attn.q", k="attn.k", v="attn.v", o="attn.out")
+
+
+@pytest.fixture
+def registered():
+    added = []
+
+    def register(name, spec):
+        register_architecture(name, spec)
+        added.append(name)
+
+    yield register
+    for name in added:
+        ARCHITECTURES.pop(name, None)
+
+
+def test_plain_module_without_config_needs_and_takes_explicit_head_counts(registered):
+    registered("PlainModel", ArchitectureSpec(**_PLAIN, up="mlp.fc1", down="mlp.fc2"))
+    with pytest.raises(UnsupportedModelError, match=r"no transformers config.*num_heads="):
+        discover_units(PlainModel())
+    registered("PlainModel", ArchitectureSpec(**_PLAIN, up="mlp.fc1", down="mlp.fc2", num_heads=4))
+    units = discover_units(PlainModel())
+    layer = units.layers[1]
+    assert units.model_type == "PlainModel" and len(units.layers) == 2
+    assert (layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.num_neurons) == (4, 4, 4, 24)
+
+
+def test_explicit_head_dim_must_tile_the_attention_width(registered):
+    registered("PlainModel", ArchitectureSpec(**_PLAIN, up="mlp.fc1", down="mlp.fc2", num_heads=4, head_dim=3))
+    with pytest.raises(UnsupportedModelError, match="4 heads .* of dimension 3 do not match the 16 input features"):
+        discover_units(PlainModel())
+
+
+def test_swapped_up_and_down_are_refused_with_modules_and_shapes(registered):
+    registered("PlainModel", ArchitectureSpec(**_PLAIN, up="mlp.fc2", down="mlp.fc1", num_heads=4))
+    with pytest.raises(UnsupportedModelError) as err:
+        discover_units(PlainModel())
+    message = str(err.value)
+    assert "blocks.0" in message and "`mlp.fc2` (up, 24 -> 16 features) must read the hidden size 16" in message
+    assert "`mlp.fc1` (down, 16 -> 24 features) must write the hidden size 16" in message
+    assert "Are `up` and `down` swapped?" in message
+
+
+def test_spec_with_a_module_of_the_wrong_width_is_refused(registered):
+    model = PlainModel()
+    for block in model.blocks:
+        block.attn.k = nn.Linear(8, 16)  # reads 8 features, not the hidden size
+    registered("PlainModel", ArchitectureSpec(**_PLAIN, up="mlp.fc1", down="mlp.fc2", num_heads=4))
+    with pytest.raises(UnsupportedModelError, match=r"`attn.k` \(q/k/v, 8 -> 16 features\) must read the hidden"):
+        discover_units(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_heads=0), "num_heads=0"),
+        (dict(num_heads=4, num_kv_heads=3), "must divide num_heads=4"),
+        (dict(head_dim=True), "head_dim=True"),
+    ],
+)
+def test_spec_head_counts_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ArchitectureSpec(**_PLAIN, up="mlp.fc1", down="mlp.fc2", **kwargs)
+
+
+def test_custom_model_example_trains_and_freezes(tmp_path):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import custom_model
+
+    try:
+        torch.manual_seed(0)
+        before = snapshot(custom_model.TinyClassifier())
+        trainer = custom_model.main(str(tmp_path), max_steps=20)
+    finally:
+        ARCHITECTURES.pop("TinyClassifier", None)
+    summary = trainer.neq_summary()
+    assert summary["units"]["layers"] == 2 and summary["units"]["heads_per_layer"] == custom_model.HEADS
+    assert summary["units"]["neurons_per_layer"] == custom_model.MLP_WIDTH
+    assert summary["checks"] >= 2
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0]
+    after = snapshot(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("blocks."))
