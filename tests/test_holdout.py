@@ -390,3 +390,10 @@ def test_per_token_reference_is_not_resharded_over_another_process_count():
     state["reference_shards"] = state["reference_shards"] * 2  # as if saved by two processes
     with pytest.raises(ValueError, match="token_pooling='none'.*same number of processes"):
         neq.load_state_dict(state)
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, True, "big"])
+def test_memory_budget_is_validated(budget):
+    with pytest.raises(ValueError, match="holdout_memory_budget_mb"):
+        NEqConfig(holdout_memory_budget_mb=budget)
+    assert NEqConfig(holdout_memory_budget_mb=None).holdout_memory_budget_mb is None
