@@ -157,7 +157,7 @@ def build_holdout_loader(
     """
     if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
         raise HoldoutTooSmallError("The NEq held-out dataset is empty; give it at least two samples.")
-    check_holdout_samples(len(dataset), min_samples)
+    check_holdout_samples(len(dataset), min_samples if process_index == 0 else None)  # warn on one process
     if len(dataset) < num_processes:
         raise ValueError(
             f"The NEq held-out dataset has {len(dataset)} samples for {num_processes} processes; every process "
