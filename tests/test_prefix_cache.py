@@ -131,6 +131,28 @@ def test_served_states_equal_recomputation(model_type):
     cache.close()
 
 
+def test_left_padded_decoder_is_served_exactly():
+    model, unit_map = build("llama", dropout=False)
+    feats = [token_dataset(8)[i] for i in range(8)]
+    length = max(len(f["input_ids"]) for f in feats)
+    pad = [length - len(f["input_ids"]) for f in feats]
+    batch = {
+        "input_ids": torch.tensor([[0] * p + f["input_ids"] for p, f in zip(pad, feats)]),
+        "attention_mask": torch.tensor([[0] * p + [1] * (length - p) for p in pad]),
+    }
+    freezer = freezer_for(model, unit_map, batch)
+    cache = with_cache(model, unit_map, batch)
+    freeze_bottom(freezer, unit_map, 1)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**batch).logits
+    model.train()
+    filled, served = model(**batch).logits, model(**batch).logits
+    assert cache.stats["computed"] == 8 and cache.stats["served"] == 8
+    torch.testing.assert_close(filled, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(served, ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("model_type", ["bert", "llama"])
 def test_training_steps_match_recomputation_with_prefix_in_eval_mode(model_type):
     ds = token_dataset(32)
@@ -374,16 +396,15 @@ def _cached_run(tmp_path, name, resume=None):
 def test_trainer_run_with_cache_resumes_like_an_uninterrupted_run(tmp_path, scripted_freezing):
     full, cache_full = _cached_run(tmp_path, "full")
     stats = cache_full.stats
-    assert stats["served"] > 0 and stats["computed"] > 0 and stats["extended"] > 0 and stats["invalidations"] >= 1
+    assert stats["served"] > 0 and stats["computed"] > 0 and stats["extended"] > 0
+    assert stats["invalidations"] == 1  # the release at step 4 only: optimizer steps leave frozen weights alone
     ckpt = tmp_path / "full" / "checkpoint-8"
     assert not any("prefix" in f.name for f in ckpt.iterdir())  # the cache is not checkpointed
     resumed, cache_resumed = _cached_run(tmp_path, "resumed", resume=str(ckpt))
     assert cache_resumed.stats["served"] > 0 and cache_resumed.stats["computed"] > 0
+    assert cache_resumed.stats["invalidations"] == 0
     params = dict(resumed.model.named_parameters())
     for n, p in full.model.named_parameters():
         torch.testing.assert_close(params[n], p, rtol=1e-5, atol=1e-6, msg=n)
-    losses = [h["loss"] for h in full.state.log_history if "loss" in h]
-    losses_resumed = [h["loss"] for h in resumed.state.log_history if "loss" in h]
-    assert losses[-1] == pytest.approx(losses_resumed[-1], rel=1e-5)
     # hooks and patches are gone after training: a plain forward again
     assert not any("forward" in m.__dict__ for m in full.model.modules())
