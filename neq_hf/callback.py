@@ -5,6 +5,8 @@ A thin adapter: the algorithm and its state live in [`NEq`] (`neq_hf/engine.py`)
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from collections.abc import Callable
 from typing import Optional
@@ -15,7 +17,15 @@ from transformers.data.data_collator import default_data_collator
 
 from .config import NEqConfig
 from .distributed import check_engine
-from .engine import CONFIG_NAME, HISTORY_NAME, STATE_NAME, NEq  # noqa: F401 (file names re-exported)
+from .engine import CONFIG_NAME, HISTORY_NAME, STATE_NAME, NEq, _value_bytes, resolve_schedule  # noqa: F401
+from .holdout import _INPUT_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+# Training rows read to look for held-out samples in the training set, and the estimated share of the held-out split
+# found there from which NEq warns (a few exact duplicates are common in real corpora).
+OVERLAP_SCAN_ROWS = 20_000
+OVERLAP_WARN_FRACTION = 0.05
 
 
 class NEqTrainerCallback(TrainerCallback):
@@ -38,9 +48,13 @@ class NEqTrainerCallback(TrainerCallback):
     trainer.train()
     ```
 
-    With a plain `Trainer`, NEq figures are added to the logs seen by callbacks that run after this one; use
-    [`NEqTrainer`] to have every `report_to` backend receive them. The engine is `callback.engine` once training
-    has begun.
+    NEq figures of each check go to `trainer.state.log_history` as entries of their own (``neq/...`` keys), which
+    leave the Trainer's `logging_steps` and loss windows as they are; with [`NEqTrainer`] they go through
+    `Trainer.log`, so every `report_to` backend receives them too. The engine is `callback.engine` once training has
+    begun.
+
+    One callback may serve several Trainers: each model's run keeps its own engine (`summary(model)`). A run that
+    ended without `on_train_end` (an exception) is undone when the next run of that model begins, or by [`close`].
     """
 
     def __init__(
@@ -55,7 +69,14 @@ class NEqTrainerCallback(TrainerCallback):
         self.dataset = neq_dataset
         self.data_collator = data_collator
         self.resume_from_checkpoint: Optional[str] = None
-        self.engine: Optional[NEq] = None
+        # Set by NEqTrainer for its next run: why NEq cannot act in it (None: it can), whether to look for held-out
+        # samples in the training set, and its `log` (NEq entries then reach every report_to backend).
+        self.skip_reason: Optional[str] = None
+        self.check_overlap = True
+        self.log_function: Optional[Callable[[dict], None]] = None
+        self._runs: dict[int, NEq] = {}  # id(model) -> the engine of that model's latest run
+        self.engine: Optional[NEq] = None  # the latest run's engine
+        self._warned: set[str] = set()
 
     # The engine's parts, as earlier versions exposed them (None before training begins).
     tracker = property(lambda self: self.engine.tracker if self.engine else None)
@@ -65,85 +86,196 @@ class NEqTrainerCallback(TrainerCallback):
     _model = property(lambda self: self.engine.model if self.engine else None)
     _loader = property(lambda self: self.engine.loader if self.engine else None)
 
+    def _engine(self, model) -> Optional[NEq]:
+        """The engine of ``model``'s run (events carry the Trainer's model), else the latest run's."""
+        return self.engine if model is None else self._runs.get(id(model))
+
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        resuming = state.global_step > 0
-        if not resuming or self.engine is None or self.engine.model is not model:
-            if self.dataset is None:
-                raise ValueError(
-                    "NEqTrainerCallback needs a held-out dataset: pass neq_dataset=..., e.g. "
-                    "`train, held_out = neq_hf.split_holdout(train_dataset, size=0.01)`, or use NEqTrainer, which "
-                    "carves one from train_dataset."
-                )
-            check_engine(args, model)  # refuses engines under which frozen units would still train
-            self.engine = NEq(
-                model,
-                self.config,
-                self.dataset,
-                data_collator=self.data_collator
-                or getattr(train_dataloader, "collate_fn", None)
-                or default_data_collator,
-                batch_size=args.per_device_eval_batch_size,
-                process_index=args.process_index,
-                num_processes=args.world_size,
-                verify_engine=False,
-            )
-        if resuming:
-            folder = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            self.engine.load_checkpoint(folder)
+        stale = self._runs.pop(id(model), None)
+        if stale is not None:
+            stale.close()  # an earlier run of this model (interrupted: no on_train_end) must not stay applied
+        reason, self.skip_reason = self.skip_reason, None
         num_epochs = int(args.num_train_epochs) if args.max_steps <= 0 else None
-        self.engine.setup(max_steps=state.max_steps, num_epochs=num_epochs)  # reference check unless resumed
+        if reason is None:
+            try:
+                resolve_schedule(self.config, state.max_steps, num_epochs)
+            except ValueError as err:
+                reason = str(err)
+        if reason is not None:
+            self._cannot_act(reason)
+            self.engine = None
+            return control
+        if self.dataset is None:
+            raise ValueError(
+                "NEqTrainerCallback needs a held-out dataset: pass neq_dataset=..., e.g. "
+                "`train, held_out = neq_hf.split_holdout(train_dataset, size=0.01)`, or use NEqTrainer, which "
+                "carves one from train_dataset."
+            )
+        check_engine(args, model)  # refuses engines under which frozen units would still train
+        engine = NEq(
+            model,
+            self.config,
+            self.dataset,
+            data_collator=self.data_collator or getattr(train_dataloader, "collate_fn", None) or default_data_collator,
+            batch_size=args.per_device_eval_batch_size,
+            process_index=args.process_index,
+            num_processes=args.world_size,
+            verify_engine=False,
+        )
+        if self.check_overlap:
+            warn_if_trained_on(getattr(train_dataloader, "dataset", None), self.dataset)
+        self._runs[id(model)] = self.engine = engine
+        if state.global_step > 0:  # resuming
+            folder = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            engine.load_checkpoint(folder)
+        engine.setup(max_steps=state.max_steps, num_epochs=num_epochs)  # reference check unless resumed
         return control
 
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self.engine is not None and optimizer is not None:
-            self.engine.before_optimizer_step(optimizer)
+    def _cannot_act(self, reason: str) -> None:
+        if self.config.strict:
+            raise ValueError(f"NEq cannot act in this run: {reason} (NEqConfig.strict=True makes this an error.)")
+        if reason not in self._warned:
+            self._warned.add(reason)
+            logger.warning(
+                "NEq is off for this run: %s Training proceeds exactly as with a plain Trainer; "
+                "NEqConfig(strict=True) makes this an error.",
+                reason,
+            )
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        engine = self._engine(model)
+        if engine is not None and optimizer is not None:
+            engine.before_optimizer_step(optimizer)
         return control
 
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self.engine is not None and optimizer is not None:
-            self.engine.after_optimizer_step(optimizer)
+    def on_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        engine = self._engine(model)
+        if engine is not None and optimizer is not None:
+            engine.after_optimizer_step(optimizer)
         return control
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.engine.step_end(state.global_step, state.epoch) is not None:
-            control.should_log = True
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        engine = self._engine(model)
+        if engine is not None:
+            engine.step_end(state.global_step, state.epoch)
+            self._emit(engine, state, control)
         return control
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.engine.epoch_end(state.global_step, state.epoch) is not None:
-            control.should_log = True
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        engine = self._engine(model)
+        if engine is not None:
+            engine.epoch_end(state.global_step, state.epoch)
+            self._emit(engine, state, control)
         return control
+
+    def _emit(self, engine: NEq, state, control) -> None:
+        """Log the figures of a check (and guard-rail warnings) as an entry of their own: no log is forced, so
+        `logging_steps` and the Trainer's loss window stay as they are."""
+        logs = engine.pop_logs()
+        if not logs:
+            return
+        if self.log_function is not None:
+            should_log = control.should_log  # the Trainer's on_log clears it: this step's regular log must stay due
+            self.log_function(logs)
+            control.should_log = should_log
+            return
+        entry = dict(logs)
+        if state.epoch is not None:
+            entry["epoch"] = state.epoch
+        state.log_history.append({**entry, "step": state.global_step})
 
     def run_check(self, state) -> dict:
         """Run one held-out check now and apply its decisions."""
         return self.engine.run_check(state.global_step, state.epoch)
 
     def pop_logs(self) -> dict[str, float]:
-        """NEq figures of the latest check not logged yet (used by `NEqTrainer.log`)."""
+        """NEq figures of the latest check not logged yet."""
         return self.engine.pop_logs() if self.engine is not None else {}
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        # Reached only with a plain Trainer (NEqTrainer.log drains the figures first).
-        pending = self.pop_logs()
-        if pending and logs is not None:
-            logs.update(pending)
-            if state.log_history:
-                state.log_history[-1].update(pending)
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        engine = self._engine(model)
+        if engine is not None and logs and "loss" in logs:
+            engine.observe_loss(state.global_step, logs["loss"])  # for the collapse warning
         return control
 
-    def on_save(self, args, state, control, **kwargs):
-        if self.engine is not None:
-            self.engine.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+    def on_save(self, args, state, control, model=None, **kwargs):
+        engine = self._engine(model)
+        if engine is not None:
+            engine.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.engine is None:
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        engine = self._engine(model)
+        if engine is None:
             return control
-        self.engine.close()
+        engine.close()
         if args.process_index == 0:
-            self.engine.save_history(args.output_dir)
+            engine.save_history(args.output_dir)
         return control
 
-    def summary(self) -> dict:
-        """Final and average frozen fractions (overall, per kind, per layer) and what the checks cost."""
-        return self.engine.summary() if self.engine is not None else {}
+    def close(self, model=None) -> None:
+        """Release the model of every run (or of ``model``'s): every parameter trainable again, dense forward, no
+        backward stop. Idempotent; `NEqTrainer.train` calls it on any exit, exceptions included."""
+        engines = list(self._runs.values()) if model is None else [self._runs.get(id(model))]
+        for engine in engines:
+            if engine is not None:
+                engine.close()
+
+    def summary(self, model=None) -> dict:
+        """Final and average frozen fractions (overall, per kind, per layer) and what the checks cost, of the latest
+        run, or of ``model``'s latest run when one callback serves several Trainers."""
+        engine = self._engine(model)
+        return engine.summary() if engine is not None else {}
+
+
+def _input_column(row: dict) -> Optional[str]:
+    return next((c for c in _INPUT_COLUMNS if c in row), None)
+
+
+def _rows(dataset, indices: list[int], column: str) -> list:
+    if hasattr(dataset, "select") and hasattr(dataset, "column_names"):  # datasets.Dataset: one columnar read
+        return dataset.select(indices)[column]
+    return [dataset[i][column] for i in indices]
+
+
+def shared_fraction(train_dataset, held_out) -> Optional[float]:
+    """Estimated share of the held-out samples that are also training samples (same model inputs), from up to
+    ``OVERLAP_SCAN_ROWS`` evenly spaced training rows; `None` when it cannot be told (no length, no input column)."""
+    if train_dataset is None or held_out is None:
+        return None
+    if not (hasattr(train_dataset, "__len__") and hasattr(held_out, "__len__")) or not len(held_out):
+        return None
+    n_train = len(train_dataset)
+    if n_train == 0:
+        return None
+    first, first_train = held_out[0], train_dataset[0]
+    if not isinstance(first, dict) or not isinstance(first_train, dict):
+        return None
+    column = _input_column(first)
+    if column is None or column not in first_train:
+        return None
+    held = {hashlib.sha1(_value_bytes(v)).digest() for v in _rows(held_out, list(range(len(held_out))), column)}
+    step = max(1, n_train // OVERLAP_SCAN_ROWS)
+    indices = list(range(0, n_train, step))
+    found = {h for h in (hashlib.sha1(_value_bytes(v)).digest() for v in _rows(train_dataset, indices, column))}
+    shared = len(held & found)
+    return min(1.0, shared * (n_train / len(indices)) / len(held))
+
+
+def warn_if_trained_on(train_dataset, held_out) -> None:
+    """Warn when the held-out split is the training set itself or shares samples with it: equilibrium must be
+    measured on samples the model is not fitting."""
+    if train_dataset is not None and train_dataset is held_out:
+        fraction = 1.0
+    else:
+        fraction = shared_fraction(train_dataset, held_out)
+    if fraction is None or fraction < OVERLAP_WARN_FRACTION:
+        return
+    logger.warning(
+        "NEq: the held-out split (neq_dataset) %s the training set (about %.0f%% of its samples are trained on). The "
+        "held-out split must not be trained on: units look settled on samples the model is fitting. Carve it with "
+        "`train, held_out = neq_hf.split_holdout(train_dataset, size=0.01)` (which removes it from training), or "
+        "let NEqTrainer carve it (leave neq_dataset unset).",
+        "is" if train_dataset is held_out else "overlaps",
+        100 * fraction,
+    )

@@ -24,8 +24,10 @@ process's shard of the reference outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -40,7 +42,7 @@ from transformers.data.data_collator import default_data_collator
 from .config import NEqConfig
 from .distributed import check_engine, reduce_device
 from .freezing import Freezer
-from .holdout import OutputRecorder, build_holdout_loader, plan_reference
+from .holdout import OutputRecorder, build_holdout_loader, model_input_names, plan_reference
 from .prefix_cache import FrozenPrefixCache
 from .tracker import EquilibriumTracker
 from .units import UnitMap, discover_units
@@ -52,6 +54,12 @@ CONFIG_NAME = "neq_config.json"
 HISTORY_NAME = "neq_history.json"
 AUTO_CHECKS = 10
 STATE_FORMAT = 1
+# Guard rails against a collapsed run (a criterion far too loose for the regime): more than this fraction of units
+# frozen at the first decision, or more than COLLAPSE_FROZEN frozen while the training loss stays within
+# COLLAPSE_LOSS_CHANGE (relative) of its start.
+FIRST_DECISION_MAX_FROZEN = 0.9
+COLLAPSE_FROZEN = 0.8
+COLLAPSE_LOSS_CHANGE = 0.05
 
 
 def _distributed() -> bool:
@@ -116,6 +124,8 @@ class NEq:
         self.num_processes = (
             num_processes if num_processes is not None else (dist.get_world_size() if _distributed() else 1)
         )
+        # The model first: a model NEq cannot map fails with that error, not with one about the held-out columns.
+        self.unit_map: UnitMap = discover_units(self.model)
         self.holdout_size: Optional[int] = None  # known when NEq shards the dataset itself
         if holdout_dataset is not None:
             batch_size = self.config.holdout_batch_size or batch_size or 8
@@ -131,7 +141,6 @@ class NEq:
             self.holdout_size = len(holdout_dataset)
         else:
             self.loader = holdout_dataloader
-        self.unit_map: UnitMap = discover_units(self.model)
         self.freezer = Freezer(
             self.model,
             self.unit_map,
@@ -139,6 +148,15 @@ class NEq:
             row_sparse_min_frozen=self.config.row_sparse_min_frozen,
         )
         self.tracker = EquilibriumTracker(self.unit_map, self.config)
+        # What the saved state belongs to, checked on resume (see `_check_resume`).
+        self.tracker.fingerprints = {
+            "units": unit_fingerprint(self.unit_map, self.config.unit_kinds),
+            "holdout": (
+                holdout_fingerprint(holdout_dataset, model_input_names(self.model))
+                if holdout_dataset is not None
+                else loader_fingerprint(self.loader, self.process_index, self.num_processes)
+            ),
+        }
         self.recorder = OutputRecorder(self.unit_map, self.config.unit_kinds, self.config.token_pooling)
         # Size the reference outputs before the first check: warn or refuse, and preallocate them.
         self.tracker.reference_rows = plan_reference(
@@ -160,6 +178,10 @@ class NEq:
         self.train_seconds = 0.0
         self._clock: Optional[float] = None
         self._pending: dict[str, float] = {}
+        self._losses: list[tuple[int, float]] = []  # (step, training loss) given to observe_loss
+        self._warned: set[str] = set()  # guard rails already fired in this run
+        self._warnings: list[str] = []  # their messages, not logged yet
+        self.warnings: list[str] = []  # every guard-rail message of this run (also in the summary)
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def setup(self, max_steps: Optional[int] = None, num_epochs: Optional[int] = None) -> NEq:
@@ -203,9 +225,14 @@ class NEq:
         if not _skips_step(optimizer):
             self.freezer.after_optimizer_step(optimizer)
 
-    def step_end(self, global_step: int, epoch: Optional[float] = None) -> Optional[dict]:
+    def step_end(
+        self, global_step: int, epoch: Optional[float] = None, loss: Optional[float] = None
+    ) -> Optional[dict]:
         """Call after optimizer step number ``global_step`` (1-based); runs a check when one is due and returns its
-        record, else `None`."""
+        record, else `None`. ``loss`` (optional): this step's training loss, for the collapse warning (see
+        [`observe_loss`])."""
+        if loss is not None:
+            self.observe_loss(global_step, loss)
         if self.check_every != "epoch" and global_step % int(self.check_every) == 0:
             return self.run_check(global_step, epoch)
         return None
@@ -250,12 +277,74 @@ class NEq:
         self.tracker.history.append(record)
         if record["check"] > 0:
             self._pending = log_items(record)
+        self._guard_first_decision(record)
         return record
 
     def pop_logs(self) -> dict[str, float]:
-        """NEq figures of the latest check not logged yet (``neq/...`` keys), for the loop's logger."""
+        """NEq figures of the latest check not logged yet (``neq/...`` keys, no wall-clock figures: those are in
+        [`summary`]), plus ``neq/warning`` when a guard rail fired since, for the loop's logger."""
         pending, self._pending = self._pending, {}
+        if self._warnings:
+            pending["neq/warning"] = " | ".join(self._warnings)
+            self._warnings = []
         return pending
+
+    # -- guard rails ----------------------------------------------------------------------------------------------
+    def observe_loss(self, global_step: int, loss: float) -> None:
+        """Record the training loss at ``global_step`` (a step's loss, or the mean of a logging window): NEq warns
+        when most units are frozen while the loss has not moved from its start, a sign that the run stopped learning
+        (the Trainer adapter passes every logged ``loss``)."""
+        loss = float(loss)
+        if not math.isfinite(loss):
+            return
+        self._losses.append((global_step, loss))
+        if "loss" in self._warned:
+            return
+        checks = [h for h in self.tracker.history if h["check"] > 0]
+        if not checks or checks[-1]["frozen_fraction"] <= COLLAPSE_FROZEN:
+            return
+        frozen_at = next(h["step"] for h in checks if h["frozen_fraction"] > COLLAPSE_FROZEN)
+        after = [v for s, v in self._losses if s > frozen_at]  # losses of steps trained with most units frozen
+        if not after:
+            return
+        # the start: the losses observed up to the first similarity check, else the first one observed
+        start_values = [v for s, v in self._losses if s <= checks[0]["step"]] or [self._losses[0][1]]
+        start, now = sum(start_values) / len(start_values), sum(after) / len(after)
+        if abs(now - start) > COLLAPSE_LOSS_CHANGE * abs(start):
+            return
+        self._warn(
+            "loss",
+            f"{checks[-1]['frozen_fraction']:.0%} of units are frozen (more than {COLLAPSE_FROZEN:.0%} since step "
+            f"{frozen_at}) while the training loss has not moved from its start ({start:.4g} -> {now:.4g}): the "
+            f"run has probably stopped learning. {self._loosen_hint()}",
+        )
+
+    def _guard_first_decision(self, record: dict) -> None:
+        if record["check"] != self.config.warmup + 1 or record["frozen_fraction"] <= FIRST_DECISION_MAX_FROZEN:
+            return
+        self._warn(
+            "first_decision",
+            f"{record['frozen_fraction']:.0%} of units froze at the first decision (check {record['check']}, step "
+            f"{record['step']}): the equilibrium threshold is far too loose for this run, which then barely learns. "
+            f"{self._loosen_hint()}",
+        )
+
+    def _loosen_hint(self) -> str:
+        cfg = self.config
+        if cfg.criterion == "absolute":
+            rule = f"lower NEqConfig.eps (now {cfg.eps:g}) or use criterion='relative' (scale-free)"
+        else:
+            rule = f"lower NEqConfig.eps_relative (now {cfg.eps_relative:g})"
+        size = f"{self.holdout_size} samples" if self.holdout_size is not None else "its size"
+        return f"To freeze less: {rule}, or raise NEqConfig.holdout_size (the held-out split has {size})."
+
+    def _warn(self, name: str, message: str) -> None:
+        if name in self._warned:
+            return
+        self._warned.add(name)
+        self._warnings.append(message)
+        self.warnings.append(message)
+        logger.warning("NEq: %s", message)
 
     @property
     def frozen(self) -> dict[tuple[int, str], torch.Tensor]:
@@ -297,6 +386,9 @@ class NEq:
             raise ValueError(
                 f"Unknown NEq state format {state.get('format')!r}; resume with the neq_hf version that saved it."
             )
+        self._check_resume(
+            state["tracker"], "this NEq state", "load the Trainer/Accelerate checkpoint without NEq's state"
+        )
         shards = state["reference_shards"]
         tracker = dict(state["tracker"], reference=self._own_shard(shards, state.get("holdout_size")))
         self.tracker.load_state_dict(tracker, self._device())
@@ -353,11 +445,49 @@ class NEq:
                 "Resuming without NEq state (%s not found): NEq starts over with a new reference check.", path
             )
             return False
-        self.tracker.load_state_dict(torch.load(path, map_location="cpu", weights_only=False), self._device())
+        remedy = (
+            f"delete the NEq state files ({STATE_NAME.format(rank='*')}) of {folder}: the run then resumes from the "
+            "checkpoint and NEq starts over with a new reference check"
+        )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or "keys" not in state:
+                raise ValueError(f"a {type(state).__name__}, not a NEq state")
+        except Exception as err:
+            raise ValueError(
+                f"The NEq state file {path} cannot be read ({type(err).__name__}: {err}): it is truncated or "
+                f"corrupt. To resume from this checkpoint anyway, {remedy}; or resume from another checkpoint."
+            ) from err
+        self._check_resume(state, path, remedy)
+        self.tracker.load_state_dict(state, self._device())
         self.freezer.apply(self.tracker.unit_active())
         if self.prefix_cache is not None:
             self.prefix_cache.update(self.freezer)
         return True
+
+    def _check_resume(self, saved: dict, source: str, remedy: str) -> None:
+        """Refuse a saved state recorded on another unit map or another held-out split (its reference outputs would
+        be compared with outputs of other units or samples); log settings that changed (legitimate on resume)."""
+        fingerprints = saved.get("fingerprints") or {}  # states saved before fingerprints: nothing to compare
+        mine = self.tracker.fingerprints
+        how = f"Resume with the model and the held-out settings of the saved run, or {remedy}."
+        units = fingerprints.get("units")
+        if units is not None and units != mine["units"]:
+            raise ValueError(
+                f"The NEq state in {source} was recorded on other units than this model's "
+                f"({_differences(units, mine['units'])}). {how}"
+            )
+        held, now = fingerprints.get("holdout"), mine["holdout"]
+        if held is not None and now is not None and held.get("scope") == now.get("scope") and held != now:
+            settings = _config_changes(saved.get("config") or {}, self.config.to_dict(), HOLDOUT_SETTINGS)
+            raise ValueError(
+                f"The held-out split differs from the one the NEq state in {source} was recorded on "
+                f"({_differences(held, now)}{'; settings: ' + settings if settings else ''}): its reference outputs "
+                f"belong to other samples, so the similarity phi would compare unrelated outputs. {how}"
+            )
+        changed = _config_changes(saved.get("config") or {}, self.config.to_dict())
+        if changed:
+            logger.warning("NEq: resuming with changed settings (%s); they apply from the next check.", changed)
 
     # -- end of training and results ------------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -399,6 +529,8 @@ class NEq:
             "reference_megabytes": self.tracker.reference_bytes() / 2**20,
             "holdout_samples": self.holdout_size,
         }
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
         if self.prefix_cache is not None:
             out["prefix_cache"] = self.prefix_cache.summary()
         if not checks:
@@ -437,11 +569,12 @@ def resolve_schedule(config: NEqConfig, max_steps: Optional[int], num_epochs: Op
         n_checks, what = (max_steps // every if max_steps and max_steps > 0 else None), f"max_steps={max_steps}"
     needed = config.warmup + 1
     if n_checks is not None and n_checks < needed:
-        hint = (
-            f"Use a smaller number of steps, e.g. check_every={max(1, max_steps // (needed + 2))}."
-            if max_steps and max_steps > 0
-            else "Train for more epochs, or set check_every to a number of steps."
-        )
+        if max_steps and max_steps >= needed:
+            hint = f"Use a smaller number of steps, e.g. check_every={max(1, max_steps // (needed + 2))}."
+        elif max_steps and max_steps > 0:
+            hint = f"Train for at least {needed} optimizer steps (with check_every=1)."
+        else:
+            hint = "Train for more epochs, or set check_every to a number of steps."
         raise ValueError(
             f"NEqConfig.check_every={config.check_every!r} leaves {n_checks} held-out check(s) in this run ({what}), "
             f"but a decision needs {needed} (warmup={config.warmup} + 1): NEq would never freeze anything. {hint}"
@@ -450,14 +583,85 @@ def resolve_schedule(config: NEqConfig, max_steps: Optional[int], num_epochs: Op
 
 
 def log_items(record: dict) -> dict[str, float]:
-    """A check's record as flat ``neq/...`` log keys (per-layer lists become ``neq/<kind>/layer_<i>``)."""
+    """A check's record as flat ``neq/...`` log keys (per-layer lists become ``neq/<kind>/layer_<i>``). Wall-clock
+    figures stay out (they belong to the summary), so that logs are reproducible across a resume."""
     items = {}
     for key, value in record.items():
         if key.startswith("per_layer/"):
             kind = key.split("/", 1)[1]
             items.update({f"neq/{kind}/layer_{i}": v for i, v in enumerate(value)})
-        elif key in ("step", "epoch", "check") or value is None:
+        elif key in ("step", "epoch", "check", "seconds") or value is None:
             continue
         else:
             items[f"neq/{key}"] = value
     return items
+
+
+# -- what a saved state belongs to ------------------------------------------------------------------------------------
+# Settings that choose the held-out split, named when a resumed run's split differs from the saved one.
+HOLDOUT_SETTINGS = ("holdout_size", "holdout_seed", "holdout_min_samples", "holdout_max_samples", "token_pooling")
+
+
+def unit_fingerprint(unit_map: UnitMap, kinds: list[str]) -> dict:
+    """The unit map as a saved state must match it: architecture, layer names and unit counts."""
+    return {
+        "model_type": unit_map.model_type,
+        "unit_kinds": list(kinds),
+        "layers": [layer.name for layer in unit_map.layers],
+        "heads": [layer.num_heads for layer in unit_map.layers],
+        "kv_heads": [layer.num_kv_heads for layer in unit_map.layers],
+        "head_dim": [layer.head_dim for layer in unit_map.layers],
+        "neurons": [layer.num_neurons for layer in unit_map.layers],
+    }
+
+
+def _value_bytes(value) -> bytes:
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        return repr(value).encode()
+    t = t.to(torch.float64 if t.is_floating_point() else torch.int64).contiguous()
+    return repr(tuple(t.shape)).encode() + t.numpy().tobytes()
+
+
+def holdout_fingerprint(dataset: Dataset, input_names: set[str]) -> dict:
+    """Size and hash of the held-out samples' model inputs (labels and other columns ignored), independent of the
+    number of processes."""
+    digest = hashlib.sha256()
+    columns = None
+    for i in range(len(dataset)):
+        row = dataset[i]
+        if columns is None:
+            columns = sorted(k for k in row if k in input_names)
+        for k in columns:
+            digest.update(k.encode())
+            digest.update(_value_bytes(row[k]))
+    return {"scope": "dataset", "samples": len(dataset), "sha256": digest.hexdigest()[:16]}
+
+
+def loader_fingerprint(loader: DataLoader, process_index: int, num_processes: int) -> dict:
+    """Hash of the batches of a held-out loader given by the caller (this process's shard)."""
+    digest, rows = hashlib.sha256(), 0
+    for batch in loader:
+        for k in sorted(batch):
+            if torch.is_tensor(batch[k]):
+                digest.update(k.encode())
+                digest.update(_value_bytes(batch[k]))
+        rows += next((v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), 0)
+    scope = f"loader {process_index}/{num_processes}"
+    return {"scope": scope, "samples": rows, "sha256": digest.hexdigest()[:16]}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _differences(saved: dict, now: dict) -> str:
+    keys = [k for k in dict.fromkeys(list(saved) + list(now)) if saved.get(k) != now.get(k)]
+    return "; ".join(f"{k}: {_short(saved.get(k))} saved, {_short(now.get(k))} now" for k in keys)
+
+
+def _config_changes(saved: dict, now: dict, names: Optional[tuple] = None) -> str:
+    keys = names if names is not None else [k for k in now if k in saved]
+    return ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys if k in saved and saved[k] != now.get(k))

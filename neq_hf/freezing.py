@@ -131,6 +131,16 @@ class _Partial:
     grad: Optional[torch.Tensor] = None
 
 
+_PATCH_ATTRS = (
+    "_neq_dense_forward",
+    "_neq_own_forward",
+    "_neq_active",
+    "_neq_frozen",
+    "_neq_axis_out",
+    "_neq_transposed",
+)
+
+
 class Freezer:
     """Applies unit masks to a model. Only parameters that were trainable when it was built are ever touched."""
 
@@ -245,20 +255,28 @@ class Freezer:
 
     def _patch(self, b: Binding, active_idx: torch.Tensor, dense_frozen: Optional[torch.Tensor]) -> None:
         m = b.module
-        if id(m) not in self._patched:
+        # Idempotent, also across Freezers: a module still patched (by an interrupted run's Freezer) keeps its
+        # original forward, never a wrapper of the wrapper (which would recurse).
+        if "_neq_dense_forward" not in m.__dict__:
+            m._neq_own_forward = "forward" in m.__dict__  # an instance-level forward (e.g. a hook) to restore
             m._neq_dense_forward = m.forward
             m.forward = types.MethodType(_row_sparse_forward, m)
-            self._patched[id(m)] = m
+        self._patched[id(m)] = m
         m._neq_active = active_idx
         m._neq_frozen = dense_frozen
         m._neq_axis_out = b.axis == "out"
         m._neq_transposed = b.transposed
 
     def _unpatch(self, m: nn.Module) -> None:
-        if self._patched.pop(id(m), None) is not None:
+        self._patched.pop(id(m), None)
+        if "_neq_dense_forward" not in m.__dict__:
+            return
+        if m.__dict__.get("_neq_own_forward"):
+            m.forward = m._neq_dense_forward
+        else:
             del m.forward
-            for attr in ("_neq_dense_forward", "_neq_active", "_neq_frozen", "_neq_axis_out", "_neq_transposed"):
-                delattr(m, attr)
+        for attr in _PATCH_ATTRS:
+            m.__dict__.pop(attr, None)
 
     def _set_stop(self, stop: int) -> None:
         if stop == self.stop_layer and (self._stop_handle is not None or stop == 0):

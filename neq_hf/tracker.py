@@ -49,6 +49,7 @@ class EquilibriumTracker:
         self.scale = {kind: math.nan for kind in config.unit_kinds}  # s_k of the relative rule, set at t = 1
         self.layers_frozen = 0  # bottom layers frozen whole by the layer rule
         self.history: list[dict] = []
+        self.fingerprints: dict = {}  # what this state belongs to (unit map, held-out split), set by neq_hf.NEq
 
     # -- one check -------------------------------------------------------------------------------------------
     def check(self, run_pass: Callable[[Callable], None], all_reduce: Optional[Callable] = None) -> dict:
@@ -188,6 +189,8 @@ class EquilibriumTracker:
             "layers_frozen": self.layers_frozen,
             "reference": [self.reference[k].cpu() for k in self.keys] if self.reference else None,
             "history": self.history,
+            "fingerprints": self.fingerprints,
+            "config": self.config.to_dict(),
         }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:

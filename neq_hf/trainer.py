@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from torch.utils.data import Dataset
 from transformers import Trainer
+from transformers.trainer_utils import has_length
 
-from .callback import NEqTrainerCallback
+from .callback import NEqTrainerCallback, warn_if_trained_on
 from .config import NEqConfig
+from .engine import resolve_schedule
 from .holdout import split_holdout
 
 
@@ -19,10 +22,17 @@ class NEqTrainer(Trainer):
 
     Args:
         neq_config ([`NEqConfig`], *optional*): NEq settings; defaults to `NEqConfig()`.
-        neq_dataset (`Dataset`, *optional*): the held-out split (model inputs; labels are ignored). When not given,
-            `neq_config.holdout_size` samples are carved deterministically from `train_dataset` and removed from it.
+        neq_dataset (`Dataset`, *optional*): the held-out split (model inputs; labels are ignored); it must not be
+            trained on. When not given, `neq_config.holdout_size` samples are carved deterministically from
+            `train_dataset` and removed from it (at construction, or at `train()` when the training set comes later).
         peft_config (`peft.PeftConfig`, *optional*): wrap the model with this adapter config first (NEq then freezes
             adapter rows of frozen units).
+
+    Whatever `Trainer` accepts, `NEqTrainer` accepts: without a training set (evaluation or prediction only) NEq
+    stays idle. Where NEq cannot act in a run (a training set with no room for a held-out split, a run too short for
+    two checks) it says so once in a warning and the run is exactly a `Trainer` run (every training sample, no
+    freezing); `NEqConfig(strict=True)` makes that an error. However `train()` ends (exceptions and
+    `KeyboardInterrupt` included), the model is left unfrozen and unpatched.
     """
 
     _tag_names = ["neq"]
@@ -42,36 +52,97 @@ class NEqTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         super().__init__(model, args, *trainer_args, **kwargs)
-        self.neq_config = neq_config if neq_config is not None else NEqConfig()
-        if neq_dataset is None:
-            if self.train_dataset is None:
-                raise ValueError(
-                    "NEqTrainer needs a train_dataset (or an explicit neq_dataset) to carve a held-out split."
-                )
-            cfg = self.neq_config
-            self.train_dataset, neq_dataset = split_holdout(
-                self.train_dataset,
-                cfg.holdout_size,
-                cfg.holdout_seed,
-                cfg.holdout_min_samples,
-                cfg.holdout_max_samples,
+        if any(isinstance(cb, NEqTrainerCallback) for cb in self.callback_handler.callbacks):
+            raise ValueError(
+                "NEqTrainer adds its own NEqTrainerCallback: remove the one given in callbacks=... and pass its "
+                "settings as NEqTrainer(neq_config=..., neq_dataset=...), or use it with a plain Trainer."
             )
+        self.neq_config = neq_config if neq_config is not None else NEqConfig()
         self.neq_dataset = neq_dataset
         self.neq_callback = NEqTrainerCallback(self.neq_config, neq_dataset, data_collator=self.data_collator)
+        self.neq_callback.log_function = self.log  # NEq entries reach every report_to backend
         self.add_callback(self.neq_callback)
+        self._neq_explicit = neq_dataset is not None
+        self._neq_source: Optional[Dataset] = None  # the training set as given, before the carve
+        self._neq_carved: Optional[Dataset] = None  # the training set without the held-out split
+        self._neq_skip: Optional[str] = None  # why NEq cannot act with this training set
+        if self._neq_explicit and neq_dataset is self.train_dataset:
+            warn_if_trained_on(self.train_dataset, neq_dataset)
+            self.neq_callback.check_overlap = False  # said once
+        self._neq_carve()
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
 
+    def _neq_carve(self) -> None:
+        """Carve the held-out split from a training set not seen yet (unless one was given)."""
+        train = self.train_dataset
+        if train is None or self._neq_explicit or train is self._neq_source or train is self._neq_carved:
+            return
+        self._neq_source, self._neq_carved, self._neq_skip = train, None, None
+        cfg = self.neq_config
+        if not has_length(train):
+            self._neq_skip = (
+                "NEq cannot carve a held-out split from a training set without a length (an iterable dataset). "
+                "Pass neq_dataset=... explicitly."
+            )
+        else:
+            try:
+                carved, held = split_holdout(
+                    train, cfg.holdout_size, cfg.holdout_seed, cfg.holdout_min_samples, cfg.holdout_max_samples
+                )
+            except ValueError as err:
+                if not isinstance(cfg.holdout_size, float):
+                    raise  # an explicit sample count that this training set cannot give
+                self._neq_skip = (
+                    f"the training set ({len(train)} samples) has no room for a held-out split of at least 2 samples "
+                    f"({err}) Use a larger training set, or pass neq_dataset=... explicitly."
+                )
+            else:
+                self._neq_carved = self.train_dataset = carved
+                self.neq_dataset = self.neq_callback.dataset = held
+                self.neq_callback.check_overlap = False  # disjoint by construction
+        if self._neq_skip is not None and cfg.strict:
+            raise ValueError(f"NEq cannot act with this training set: {self._neq_skip} (NEqConfig.strict=True)")
+
+    def _neq_schedule_problem(self) -> Optional[str]:
+        """Why the coming run is too short for NEq's checks, predicted from the arguments and the training set
+        (the callback checks again with the Trainer's own step count)."""
+        args = self.args
+        num_epochs = None
+        if args.max_steps > 0:
+            max_steps = args.max_steps
+        else:
+            train = self.train_dataset
+            if train is None or not has_length(train):
+                return None
+            per_step = self._train_batch_size * max(1, args.world_size)
+            batches = len(train) // per_step if args.dataloader_drop_last else math.ceil(len(train) / per_step)
+            accumulation = args.gradient_accumulation_steps
+            updates = max(batches // accumulation + int(batches % accumulation > 0), 1)
+            max_steps, num_epochs = math.ceil(args.num_train_epochs * updates), int(args.num_train_epochs)
+        try:
+            resolve_schedule(self.neq_config, max_steps, num_epochs)
+        except ValueError as err:
+            return str(err)
+        return None
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._neq_carve()
+        if self._neq_carved is not None:
+            self.train_dataset = self._neq_carved
+        reason = self._neq_skip or (self._neq_schedule_problem() if self.train_dataset is not None else None)
+        if reason is not None and self._neq_source is not None:
+            self.train_dataset = self._neq_source  # NEq is off: every training sample, as with Trainer
+        self.neq_callback.skip_reason = reason
         self.neq_callback.resume_from_checkpoint = (
             resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         )
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        # Merge NEq figures here so every `report_to` backend receives them with the Trainer's own logs.
-        logs = {**logs, **self.neq_callback.pop_logs()}
-        super().log(logs, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            # Whatever ended the run (an exception, KeyboardInterrupt), the model must not stay frozen or patched.
+            self.neq_callback.skip_reason = None
+            self.neq_callback.close()
 
     def neq_summary(self) -> dict:
         """Frozen fractions (final and average, per kind and layer) and the cost of the held-out checks."""

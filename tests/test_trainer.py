@@ -296,7 +296,8 @@ def test_holdout_without_model_inputs(tmp_path):
 
 
 def test_check_every_larger_than_run_fails_before_training(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(check_every=50, holdout_size=16))
+    # strict: otherwise NEq warns and the run is a plain Trainer run (tests/test_upstream_compat.py)
+    trainer = make_trainer(tmp_path, NEqConfig(check_every=50, holdout_size=16, strict=True))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with pytest.raises(ValueError, match="check_every=50"):
         trainer.train()
