@@ -138,6 +138,9 @@ class NEq:
                 self.num_processes,
                 min_samples=self.config.holdout_min_samples,
             )
+            # Its own generator: every iterator of a DataLoader without one draws from torch's global RNG, which would
+            # shift the training run's shuffling and dropout away from a plain Trainer's with the same seed.
+            self.loader.generator = torch.Generator()
             self.holdout_size = len(holdout_dataset)
         else:
             self.loader = holdout_dataloader
