@@ -106,6 +106,7 @@ class FrozenPrefixCache:
         self.path = path
         self.depth = 0  # layers whose output is served from the cache
         self.stats = {"served": 0, "computed": 0, "extended": 0, "bypassed_batches": 0, "invalidations": 0}
+        self.peak = {"samples": 0, "megabytes": 0.0}  # largest size reached (kept after close())
         self._located = False
         self._plan: Optional[_Plan] = None
         self._busy = False
@@ -267,7 +268,14 @@ class FrozenPrefixCache:
         return len(self._index)
 
     def summary(self) -> dict:
-        return {"depth": self.depth, "samples": len(self), "megabytes": self.megabytes, **self.stats}
+        return {
+            "depth": self.depth,
+            "samples": len(self),
+            "megabytes": self.megabytes,
+            "peak_samples": self.peak["samples"],
+            "peak_megabytes": self.peak["megabytes"],
+            **self.stats,
+        }
 
     # -- the training forward -------------------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
@@ -400,6 +408,10 @@ class FrozenPrefixCache:
         self._arena[self._used : self._used + rows.shape[0]] = rows
         self._index[key] = _Entry(depth, self._used, rows.shape[0])
         self._used += rows.shape[0]
+        self.peak = {
+            "samples": max(self.peak["samples"], len(self)),
+            "megabytes": max(self.peak["megabytes"], self.megabytes),
+        }
         return True
 
     def _allocate(self, width: int, dtype: torch.dtype) -> None:

@@ -398,6 +398,8 @@ def test_trainer_run_with_cache_resumes_like_an_uninterrupted_run(tmp_path, scri
     stats = cache_full.stats
     assert stats["served"] > 0 and stats["computed"] > 0 and stats["extended"] > 0
     assert stats["invalidations"] == 1  # the release at step 4 only: optimizer steps leave frozen weights alone
+    summary = full.neq_callback.engine.summary()["prefix_cache"]
+    assert summary["samples"] == 0 and 0 < summary["peak_samples"] <= 80  # emptied at the end of training
     ckpt = tmp_path / "full" / "checkpoint-8"
     assert not any("prefix" in f.name for f in ckpt.iterdir())  # the cache is not checkpointed
     resumed, cache_resumed = _cached_run(tmp_path, "resumed", resume=str(ckpt))
