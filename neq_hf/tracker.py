@@ -12,7 +12,7 @@ from .config import NEqConfig
 from .equilibrium import (
     at_equilibrium,
     cosine_from_sums,
-    initial_scale,
+    typical_change,
     layer_rule,
     relative_equilibrium,
     velocity,
@@ -46,7 +46,7 @@ class EquilibriumTracker:
         self.frozen = {k: torch.zeros(n, dtype=torch.bool) for k, n in self.num_units.items()}
         self.equilibrium = {k: torch.zeros(n, dtype=torch.bool) for k, n in self.num_units.items()}
         self.layers = sorted({k[0] for k in self.keys})
-        self.scale = {kind: math.nan for kind in config.unit_kinds}  # s_k of the relative rule, set at t = 1
+        self.scale = {kind: math.nan for kind in config.unit_kinds}  # s_k of the relative rule (peak change so far)
         self.layers_frozen = 0  # bottom layers frozen whole by the layer rule
         self.history: list[dict] = []
         self.fingerprints: dict = {}  # what this state belongs to (unit map, held-out split), set by neq_hf.NEq
@@ -108,12 +108,17 @@ class EquilibriumTracker:
             self.v[key] = velocity(phi, self.phi[key], self.v[key], self.config.mu).float()
             self.phi[key] = phi
             nonfinite += int((~torch.isfinite(phi)).sum())
-        if self.t == 1:  # the first similarity sets the scale of the relative rule
-            for kind in self.config.unit_kinds:
-                self.scale[kind] = initial_scale(torch.cat([self.phi[k] for k in self.keys if k[1] == kind]))
+        self._update_scale()
         self._decide()
         self.t += 1
         return self._figures(nonfinite=nonfinite)
+
+    def _update_scale(self) -> None:
+        """The scale of the relative rule: per kind, the peak typical change (median 1 - phi) seen so far."""
+        for kind in self.config.unit_kinds:
+            m = typical_change(torch.cat([self.phi[k] for k in self.keys if k[1] == kind]))
+            if not math.isnan(m) and not m <= self.scale[kind]:  # a NaN scale (none yet) compares False
+                self.scale[kind] = m
 
     def _decide(self) -> None:
         """Per-unit equilibrium, then the layer rule, then the masks."""

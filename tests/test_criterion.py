@@ -9,18 +9,28 @@ import pytest
 import torch
 
 from neq_hf import NEqConfig
-from neq_hf.equilibrium import initial_scale, layer_rule, relative_equilibrium, velocity
+from neq_hf.equilibrium import layer_rule, relative_equilibrium, typical_change, velocity
 from neq_hf.tracker import EquilibriumTracker
 from neq_hf.units import discover_units
 
 from conftest import tiny_classifier
 
 
-def test_initial_scale_is_the_median_change_ignoring_non_finite():
+def test_typical_change_is_the_median_change_ignoring_non_finite():
     phi = torch.tensor([0.9, 0.99, 0.5, float("nan"), 0.8])
     # 1 - phi over the finite units: 0.1, 0.01, 0.5, 0.2 -> median (torch: lower of the two middle values) 0.1
-    assert initial_scale(phi) == pytest.approx(0.1)
-    assert math.isnan(initial_scale(torch.tensor([float("nan")])))
+    assert typical_change(phi) == pytest.approx(0.1)
+    assert math.isnan(typical_change(torch.tensor([float("nan")])))
+
+
+def test_scale_is_the_running_peak_of_the_typical_change():
+    unit_map = discover_units(tiny_classifier("bert"))
+    tracker = EquilibriumTracker(unit_map, NEqConfig(criterion="relative"))
+    for m, expected in ((0.01, 0.01), (0.04, 0.04), (0.02, 0.04), (float("nan"), 0.04)):
+        for k in tracker.keys:
+            tracker.phi[k] = torch.full((tracker.num_units[k],), 1 - m)
+        tracker._update_scale()
+        assert tracker.scale["heads"] == pytest.approx(expected) and tracker.scale["neurons"] == pytest.approx(expected)
 
 
 def test_relative_rule_by_hand():
@@ -94,9 +104,7 @@ def test_relative_rule_is_invariant_to_scaling_every_change():
                 phi = 1 - c * d0[k] * rate[k] ** (t - 1)
                 tracker.v[k] = velocity(phi, tracker.phi[k], tracker.v[k], cfg.mu)
                 tracker.phi[k] = phi
-            if t == 1:
-                for kind in cfg.unit_kinds:
-                    tracker.scale[kind] = initial_scale(torch.cat([tracker.phi[k] for k in keys if k[1] == kind]))
+            tracker._update_scale()
             tracker._decide()
         return {k: m.clone() for k, m in tracker.frozen.items()}
 

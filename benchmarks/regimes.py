@@ -1,0 +1,135 @@
+"""Does NEq's default criterion hold accuracy in every regime? Runs and tabulates NEq against its baseline.
+
+Regimes (MiniLM on GLUE through `benchmarks/glue_compare.py`, one results folder per regime):
+
+- full fine-tuning on SST-2 and MRPC (seeds 0 and 1) and LoRA (r 8, lr 5e-4) on SST-2 and MRPC: read from the GLUE
+  grid (`--grid_dir`, made by `glue_compare.py`);
+- SST-2 full fine-tuning at learning rate x0.5 and x2, and at run length x0.5 and x2 (seed 0): run here;
+- SmolLM2-135M LoRA on the SST-2 slice: read from `benchmarks/results/smollm2_sst2.json` (made by
+  `benchmarks/smollm2_sst2.py`).
+
+    python benchmarks/regimes.py                      # run the missing SST-2 variations, then write the table
+    python benchmarks/regimes.py --table_only --readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import glue_compare  # noqa: E402
+
+ROOT = glue_compare.ROOT
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+VARIATIONS = {  # name -> glue_compare arguments (SST-2, seed 0, full vs neq)
+    "lr_x0.5": ["--lr_full", "2.5e-5"],
+    "lr_x2": ["--lr_full", "1e-4"],
+    "length_x0.5": ["--epochs", "1"],
+    "length_x2": ["--epochs", "4"],
+}
+README_START, README_END = "<!-- regimes:start -->", "<!-- regimes:end -->"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid_dir", default=os.path.join(RESULTS, "glue"), help="results of the GLUE grid")
+    p.add_argument("--results_dir", default=os.path.join(RESULTS, "regimes"))
+    p.add_argument("--variations", nargs="*", default=list(VARIATIONS), choices=list(VARIATIONS))
+    p.add_argument("--max_seq_length", type=int, default=64)
+    p.add_argument("--extra_args", default="", help="passed to glue_compare.py's --extra_args")
+    p.add_argument("--smollm2", default=os.path.join(RESULTS, "smollm2_sst2.json"))
+    p.add_argument("--table_only", action="store_true")
+    p.add_argument("--readme", nargs="?", const=os.path.join(ROOT, "README.md"))
+    return p.parse_args(argv)
+
+
+def _load(folder: str) -> list[dict]:
+    return glue_compare.load_results(folder)
+
+
+def _row(name: str, runs: list[dict], baseline: str, method: str) -> Optional[list[str]]:
+    base = [r for r in runs if r["method"] == baseline]
+    neq = [r for r in runs if r["method"] == method]
+    if not base or not neq:
+        return None
+    metric = next(iter(base[0]["metrics"]))
+    b = statistics.mean(r["metrics"][metric] for r in base) * 100
+    n = statistics.mean(r["metrics"][metric] for r in neq) * 100
+    summaries = [r["neq"]["summary"] for r in neq]
+    final = statistics.mean(s.get("final_frozen_fraction", 0.0) for s in summaries)
+    average = statistics.mean(s.get("average_frozen_fraction", 0.0) for s in summaries)
+    cpu = statistics.mean(r["train_cpu_seconds"] for r in neq) / statistics.mean(r["train_cpu_seconds"] for r in base)
+    seeds = ",".join(str(r["seed"]) for r in sorted(neq, key=lambda r: r["seed"]))
+    return [name, f"{baseline} → {method}", seeds, f"{metric} {b:.1f} → {n:.1f}", f"{n - b:+.1f}",
+            f"{final:.0%} / {average:.0%}", f"{cpu:.2f}×"]  # fmt: skip
+
+
+def render(args) -> str:
+    header = ["regime", "baseline → NEq", "seeds", "dev metric (×100)", "Δ", "frozen final / average",
+              "CPU time ratio"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    grid = _load(args.grid_dir)
+    for task, title in (("sst2", "SST-2"), ("mrpc", "MRPC")):
+        runs = [r for r in grid if r["task"] == task and r.get("max_seq_length") == args.max_seq_length]
+        for baseline, method, label in (("full", "neq", "full fine-tuning"), ("lora", "neq_lora", "LoRA r 8")):
+            row = _row(f"MiniLM {title}, {label}", runs, baseline, method)
+            if row:
+                lines.append("| " + " | ".join(row) + " |")
+    for name in VARIATIONS:
+        row = _row(f"MiniLM SST-2, full, {name.replace('_x', ' ×')}", _load(os.path.join(args.results_dir, name)),
+                   "full", "neq")  # fmt: skip
+        if row:
+            lines.append("| " + " | ".join(row) + " |")
+    if os.path.isfile(args.smollm2):
+        with open(args.smollm2) as f:
+            sm = json.load(f)
+        runs = {r["run"]: r for r in sm.get("runs", [])}
+        if "lora" in runs and "neq_lora" in runs:
+            base, neq = runs["lora"], runs["neq_lora"]
+            s = neq.get("neq", {})
+            lines.append(
+                "| " + " | ".join([
+                    "SmolLM2-135M SST-2, LoRA r 8", "lora → neq_lora", str(sm.get("settings", {}).get("seed", 0)),
+                    f"accuracy {base['dev_accuracy'] * 100:.1f} → {neq['dev_accuracy'] * 100:.1f}",
+                    f"{(neq['dev_accuracy'] - base['dev_accuracy']) * 100:+.1f}",
+                    f"{s.get('final_frozen_fraction', 0):.0%} / {s.get('average_frozen_fraction', 0):.0%}",
+                    f"{neq['train_cpu_seconds'] / base['train_cpu_seconds']:.2f}×",
+                ]) + " |"
+            )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if not args.table_only:
+        for name in args.variations:
+            glue_compare.main(
+                ["--tasks", "sst2", "--seeds", "0", "--methods", "full", "neq",
+                 "--max_seq_length", str(args.max_seq_length), "--results_dir", os.path.join(args.results_dir, name),
+                 "--table", os.path.join(args.results_dir, f"{name}.md"), "--extra_args", args.extra_args]
+                + VARIATIONS[name]
+            )  # fmt: skip
+    table = render(args)
+    command = "python benchmarks/regimes.py" + "".join(f" {a}" for a in argv)
+    text = f"Generated by `{command}`:\n\n{table}"
+    os.makedirs(args.results_dir, exist_ok=True)
+    with open(os.path.join(args.results_dir, "regimes.md"), "w") as f:
+        f.write(text)
+    print(text)
+    if args.readme:
+        with open(args.readme) as f:
+            readme = f.read()
+        start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+        with open(args.readme, "w") as f:
+            f.write(readme[:start] + "\n" + text + readme[end:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
