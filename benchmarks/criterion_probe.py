@@ -102,7 +102,8 @@ def main():
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
-            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"], task_type="SEQ_CLS")
+            model,
+            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"], task_type="SEQ_CLS"),
         )
     tsv = os.path.join(a.glue_dir, a.task, "train.tsv")
 
@@ -118,8 +119,15 @@ def main():
     steps = int(a.epochs * -(-len(train) // bs))
     probe = Probe(model, loader, max(1, steps // a.probes))
     args = TrainingArguments(
-        "/tmp/neq_probe_run", per_device_train_batch_size=bs, num_train_epochs=a.epochs, learning_rate=a.learning_rate,
-        seed=a.seed, report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True,
+        "/tmp/neq_probe_run",
+        per_device_train_batch_size=bs,
+        num_train_epochs=a.epochs,
+        learning_rate=a.learning_rate,
+        seed=a.seed,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, callbacks=[probe])
     trainer.train()

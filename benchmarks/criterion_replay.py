@@ -20,9 +20,9 @@ import torch
 from neq_hf.equilibrium import (
     at_equilibrium,
     cosine_from_sums,
-    typical_change,
     layer_rule,
     relative_equilibrium,
+    typical_change,
     velocity,
 )
 

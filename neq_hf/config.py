@@ -29,7 +29,7 @@ class NEqConfig:
             check interval or the method (full fine-tuning, LoRA): see `neq_hf.equilibrium.relative_equilibrium`.
         eps (`float`, defaults to `1e-3`):
             Threshold of the `"absolute"` criterion: a unit is at equilibrium when `|v| < eps`.
-        eps_relative (`float`, defaults to `0.05`):
+        eps_relative (`float`, defaults to `0.1`):
             Threshold of the `"relative"` criterion, a fraction of the run's initial rate of change.
         mu (`float`, defaults to `0.5`):
             Momentum of the velocity: `v_t = dphi_t - mu * v_{t-1}`.
@@ -40,16 +40,16 @@ class NEqConfig:
             Keep a unit frozen for good once frozen. By default every check re-decides, so a frozen unit whose
             output starts moving again is released.
 
-        layer_threshold (`float`, defaults to `1.0`):
+        layer_threshold (`float`, defaults to `0.5`):
             Structured freezing: a whole layer freezes when at least this fraction of its units is at equilibrium and
             every layer below it is frozen (so backward stops at it). `1.0` is per-unit freezing only.
 
         > Held-out split and schedule
 
         check_every (`str` or `int`, defaults to `"auto"`):
-            When to run the held-out check: `"auto"` (every tenth of the run's optimizer steps, i.e. 10 checks, so that
-            the velocity's scale does not depend on the length of the run), `"epoch"`, or a number of optimizer
-            steps.
+            When to run the held-out check: `"auto"` (every 5% of the run's optimizer steps, i.e. 20 checks, so that
+            the velocity's scale does not depend on the length of the run and the first decision comes at 10% of
+            it), `"epoch"`, or a number of optimizer steps.
         holdout_size (`float`, defaults to `0.01`):
             Size of the held-out split carved from the training set: a fraction in (0, 1), or a number of samples
             (>= 1; `1.0` is refused as ambiguous). Ignored when a held-out dataset is given explicitly.
@@ -105,12 +105,12 @@ class NEqConfig:
     """
 
     criterion: str = field(
-        default="absolute",
+        default="relative",
         metadata={"help": "Equilibrium rule: 'relative' (scale-free) or 'absolute' (the paper's |v| < eps)."},
     )
     eps: float = field(default=1e-3, metadata={"help": "Threshold of the 'absolute' rule: |v| < eps (paper: 1e-3)."})
     eps_relative: float = field(
-        default=0.05,
+        default=0.1,
         metadata={"help": "Threshold of the 'relative' rule, as a fraction of the run's initial rate of change."},
     )
     mu: float = field(
@@ -123,7 +123,7 @@ class NEqConfig:
         default=False, metadata={"help": "Keep frozen units frozen for good instead of re-deciding at every check."}
     )
     layer_threshold: float = field(
-        default=1.0,
+        default=0.5,
         metadata={
             "help": "Freeze a whole layer when at least this fraction of its units is at equilibrium and every layer "
             "below is frozen (1.0: per-unit freezing only)."
@@ -131,7 +131,7 @@ class NEqConfig:
     )
     check_every: str = field(
         default="auto",
-        metadata={"help": "Held-out check schedule: 'auto' (10 checks per run), 'epoch' or a number of steps."},
+        metadata={"help": "Held-out check schedule: 'auto' (20 checks per run), 'epoch' or a number of steps."},
     )
     holdout_size: float = field(
         default=0.01,

@@ -164,7 +164,7 @@ def _schedule(configured, resolved) -> str:
     if configured == "epoch" or resolved == "epoch":
         return "every epoch"
     steps = resolved if isinstance(resolved, int) else configured
-    return f"every {steps} optimizer steps" + (" (auto: 10% of the run)" if configured == "auto" else "")
+    return f"every {steps} optimizer steps" + (" (auto: 5% of the run)" if configured == "auto" else "")
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_classifier
 
 from neq_hf import NEqConfig
 from neq_hf.equilibrium import layer_rule, relative_equilibrium, typical_change, velocity
 from neq_hf.tracker import EquilibriumTracker
 from neq_hf.units import discover_units
-
-from conftest import tiny_classifier
 
 
 def test_typical_change_is_the_median_change_ignoring_non_finite():
@@ -30,7 +29,9 @@ def test_scale_is_the_running_peak_of_the_typical_change():
         for k in tracker.keys:
             tracker.phi[k] = torch.full((tracker.num_units[k],), 1 - m)
         tracker._update_scale()
-        assert tracker.scale["heads"] == pytest.approx(expected) and tracker.scale["neurons"] == pytest.approx(expected)
+        assert tracker.scale["heads"] == pytest.approx(expected) and tracker.scale["neurons"] == pytest.approx(
+            expected
+        )
 
 
 def test_relative_rule_by_hand():

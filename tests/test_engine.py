@@ -99,7 +99,9 @@ def test_custom_loop_resume_with_accelerate_save_state(loop_run, tmp_path):
 
 # -- the engine on its own ------------------------------------------------------------------------------------------
 def engine(model, held=None, **kw) -> NEq:
-    config = kw.pop("config", None) or NEqConfig(eps=0.15, check_every=2, holdout_batch_size=5)
+    config = kw.pop("config", None) or NEqConfig(
+        criterion="absolute", layer_threshold=1.0, eps=0.15, check_every=2, holdout_batch_size=5
+    )
     held = held if held is not None else token_dataset(24, seed=1234, with_labels=False)
     return NEq(model, config, held, data_collator=pad_collator, **kw)
 
@@ -192,7 +194,7 @@ def test_optimizer_hooks_leave_accumulation_steps_alone():
 
 
 def test_schedule_resolution():
-    assert resolve_schedule(NEqConfig(check_every="auto"), 50, None) == 5
+    assert resolve_schedule(NEqConfig(check_every="auto"), 100, None) == 5  # 20 checks per run
     assert resolve_schedule(NEqConfig(check_every="auto"), None, 3) == "epoch"
     assert resolve_schedule(NEqConfig(check_every=4), 16, None) == 4
     with pytest.raises(ValueError, match="check_every=50.*max_steps=60"):
@@ -203,7 +205,9 @@ def test_schedule_resolution():
 
 def test_close_releases_the_model():
     model = tiny_classifier()
-    neq = engine(model, config=NEqConfig(eps=10.0, check_every=1)).setup(max_steps=12)
+    neq = engine(model, config=NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=1)).setup(
+        max_steps=12
+    )
     for step in (1, 2):
         neq.step_end(step)
     assert neq.summary()["final_frozen_fraction"] == 1.0

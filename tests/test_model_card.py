@@ -25,7 +25,7 @@ def trained(tmp_path, peft_config=None) -> NEqTrainer:
         args=training_args(tmp_path / "run", max_steps=6),
         train_dataset=token_dataset(48),
         data_collator=pad_collator,
-        neq_config=NEqConfig(check_every=2, holdout_size=8, eps=0.05),
+        neq_config=NEqConfig(criterion="absolute", layer_threshold=1.0, check_every=2, holdout_size=8, eps=0.05),
         peft_config=peft_config,
     )
     trainer.train()

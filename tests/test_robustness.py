@@ -54,7 +54,9 @@ def hook_counts(model: nn.Module) -> list[int]:
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("boom")], ids=["keyboard", "exception"])
 def test_interrupted_train_leaves_the_model_as_it_was(tmp_path, error):
     # eps=10 freezes every unit at step 4 (the first decision), with a backward stop and, below, partly frozen rows
-    trainer = neq_trainer(tmp_path, NEqConfig(eps=10.0, check_every=2, holdout_size=16))
+    trainer = neq_trainer(
+        tmp_path, NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=2, holdout_size=16)
+    )
     model = trainer.model
     flags, hooks = [p.requires_grad for p in model.parameters()], hook_counts(model)
     stopper = Interrupt(7, error)
@@ -96,7 +98,11 @@ def test_interrupted_plain_trainer_run_is_undone_by_the_next_run(tmp_path):
         return pad_collator(features)
 
     # eps=10 freezes every unit at step 4: the interrupted run leaves them without gradients
-    callback = NEqTrainerCallback(NEqConfig(eps=10.0, check_every=2), neq_dataset=held, data_collator=pad_collator)
+    callback = NEqTrainerCallback(
+        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=2),
+        neq_dataset=held,
+        data_collator=pad_collator,
+    )
     first = Trainer(
         model=model, args=training_args(tmp_path / "a"), train_dataset=train, data_collator=failing_collator
     )
@@ -147,7 +153,7 @@ def _run(tmp_path, name, config, resume=None, model=None):
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("saved")
-    _run(tmp, "full", NEqConfig(eps=2e-3, check_every=2, holdout_size=16))
+    _run(tmp, "full", NEqConfig(criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2, holdout_size=16))
     return tmp / "full" / "out" / "checkpoint-6"
 
 
@@ -167,7 +173,7 @@ def test_resume_refuses_another_held_out_split(tmp_path, saved_run, change, name
 
 
 def test_resume_with_another_eps_is_logged_and_proceeds(tmp_path, saved_run, caplog):
-    config = NEqConfig(eps=3e-3, check_every=3, holdout_size=16)
+    config = NEqConfig(criterion="absolute", layer_threshold=1.0, eps=3e-3, check_every=3, holdout_size=16)
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         resumed = _run(tmp_path, "resumed", config, resume=str(saved_run))
     assert "resuming with changed settings (eps 0.002 -> 0.003, check_every 2 -> 3)" in caplog.text
@@ -244,7 +250,9 @@ def test_one_callback_shared_by_two_trainers_keeps_each_run(tmp_path):
     import json
 
     train, held = split_holdout(token_dataset(96), 16, seed=0)
-    callback = NEqTrainerCallback(NEqConfig(eps=2e-3, check_every=2), neq_dataset=held)
+    callback = NEqTrainerCallback(
+        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2), neq_dataset=held
+    )
     trainers = []
     for name, steps in (("a", 8), ("b", 12)):
         trainer = Trainer(
@@ -339,7 +347,9 @@ def test_healthy_run_is_not_flagged(tmp_path, caplog):
 def test_flat_loss_with_most_units_frozen_is_flagged(caplog, losses, fires):
     """Custom-loop API: the loss goes with `step_end`. With the model unchanged every unit is at equilibrium (phi 1,
     velocity 0), so eps=1e-6 freezes all of them at the first decision (step 4)."""
-    neq = _engine(tiny_classifier("bert"), NEqConfig(eps=1e-6, check_every=2)).setup(max_steps=12)
+    neq = _engine(
+        tiny_classifier("bert"), NEqConfig(criterion="absolute", layer_threshold=1.0, eps=1e-6, check_every=2)
+    ).setup(max_steps=12)
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         for step, loss in zip((2, 4, 6, 8), losses):
             neq.step_end(step, loss=loss)

@@ -13,7 +13,7 @@ from neq_hf.tracker import EquilibriumTracker
 
 
 def make_trainer(tmp_path, neq=None, model=None, **arg_overrides):
-    neq = neq or NEqConfig(eps=1e-3, check_every=2, holdout_size=16)
+    neq = neq or NEqConfig(criterion="absolute", layer_threshold=1.0, eps=1e-3, check_every=2, holdout_size=16)
     return NEqTrainer(
         model=model or tiny_classifier("bert"),
         args=training_args(tmp_path / "out", **arg_overrides),
@@ -104,7 +104,10 @@ OPTIMIZER_CASES = {
 @pytest.mark.parametrize("case", sorted(OPTIMIZER_CASES))
 def test_frozen_parameters_stay_bit_identical(tmp_path, random_masks, case):
     trainer = make_trainer(
-        tmp_path, NEqConfig(eps=0.0, check_every=2, holdout_size=16), max_steps=14, **OPTIMIZER_CASES[case]
+        tmp_path,
+        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        max_steps=14,
+        **OPTIMIZER_CASES[case],
     )
     checker = ExactnessChecker(trainer)
     trainer.add_callback(checker)
@@ -117,7 +120,9 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, random_masks, case):
 
 
 def test_frozen_rows_exact_with_dense_weight_gradients(tmp_path, random_masks):
-    neq = NEqConfig(eps=0.0, check_every=2, holdout_size=16, row_sparse_min_frozen=1.0)
+    neq = NEqConfig(
+        criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16, row_sparse_min_frozen=1.0
+    )
     trainer = make_trainer(tmp_path, neq, max_steps=10, weight_decay=0.1)
     checker = ExactnessChecker(trainer)
     trainer.add_callback(checker)
@@ -126,7 +131,11 @@ def test_frozen_rows_exact_with_dense_weight_gradients(tmp_path, random_masks):
 
 
 def test_sgd_momentum_optimizer_state_is_paused(tmp_path, random_masks):
-    trainer = make_trainer(tmp_path, NEqConfig(eps=0.0, check_every=2, holdout_size=16), max_steps=10)
+    trainer = make_trainer(
+        tmp_path,
+        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        max_steps=10,
+    )
     opt = torch.optim.SGD(trainer.model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
     trainer.optimizer = opt
     checker = ExactnessChecker(trainer)
@@ -136,7 +145,9 @@ def test_sgd_momentum_optimizer_state_is_paused(tmp_path, random_masks):
 
 
 def test_eps_zero_freezes_nothing(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(eps=0.0, check_every=2, holdout_size=16))
+    trainer = make_trainer(
+        tmp_path, NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16)
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     summary = trainer.neq_summary()
@@ -147,7 +158,10 @@ def test_eps_zero_freezes_nothing(tmp_path):
 
 
 def test_huge_eps_freezes_everything_after_warmup(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(eps=10.0, warmup=2, check_every=2, holdout_size=16))
+    trainer = make_trainer(
+        tmp_path,
+        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, warmup=2, check_every=2, holdout_size=16),
+    )
     snaps = {}
 
     class Snap(TrainerCallback):
@@ -204,7 +218,11 @@ def test_epoch_schedule(tmp_path):
 
 
 def test_figures_are_logged_and_written(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(eps=10.0, check_every=4, holdout_size=16), logging_steps=100)
+    trainer = make_trainer(
+        tmp_path,
+        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=4, holdout_size=16),
+        logging_steps=100,
+    )
     trainer.train()
     logged = [h for h in trainer.state.log_history if "neq/frozen_fraction" in h]
     assert [h["step"] for h in logged] == [4, 8, 12]
@@ -233,7 +251,10 @@ def test_plain_trainer_with_callback(tmp_path):
         train_dataset=train,
         data_collator=pad_collator,
     )
-    callback = NEqTrainerCallback(NEqConfig(eps=10.0, check_every=3, holdout_size=16), neq_dataset=held)
+    callback = NEqTrainerCallback(
+        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=3, holdout_size=16),
+        neq_dataset=held,
+    )
     trainer.add_callback(callback)
     trainer.train()
     assert callback.summary()["final_frozen_fraction"] == 1.0
@@ -243,7 +264,7 @@ def test_plain_trainer_with_callback(tmp_path):
 def _resume_run(tmp_path, name, resume=None, max_steps=12):
     trainer = make_trainer(
         tmp_path / name,
-        NEqConfig(eps=2e-3, check_every=2, holdout_size=16),
+        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2, holdout_size=16),
         model=tiny_classifier("bert", seed=3),
         max_steps=max_steps,
         save_strategy="steps",
@@ -323,7 +344,11 @@ def test_non_finite_outputs_are_reported_and_not_frozen(tmp_path, caplog):
         return output if module.training else output * float("nan")
 
     model.bert.encoder.layer[1].intermediate.dense.register_forward_hook(poison)
-    trainer = make_trainer(tmp_path, NEqConfig(eps=10.0, check_every=2, holdout_size=16), model=model)
+    trainer = make_trainer(
+        tmp_path,
+        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=2, holdout_size=16),
+        model=model,
+    )
     with caplog.at_level("WARNING"):
         trainer.train()
     history = trainer.neq_callback.tracker.history

@@ -217,7 +217,13 @@ def main(argv=None):
         average_tokens_across_devices=False,
         **extra,
     )
-    config = NEqConfig(eps=args.eps, check_every=args.check_every, holdout_batch_size=args.holdout_batch_size)
+    config = NEqConfig(
+        criterion="absolute",
+        layer_threshold=1.0,
+        eps=args.eps,
+        check_every=args.check_every,
+        holdout_batch_size=args.holdout_batch_size,
+    )
     trainer = NEqTrainer(
         model=model,
         args=targs,

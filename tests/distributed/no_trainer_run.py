@@ -30,10 +30,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny mod
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import pad_collator  # noqa: E402
-from neq_run import build_model, datasets, frozen_parts, read  # noqa: E402
+from neq_run import build_model, datasets, frozen_parts  # noqa: E402
 
-from neq_hf import NEq, NEqConfig  # noqa: E402
-from neq_hf.distributed import assert_same_masks, detect_engine, gather_strings, tensor_digest  # noqa: E402
+from neq_hf import NEq, NEqConfig, discover_units  # noqa: E402
+from neq_hf.distributed import (  # noqa: E402
+    assert_same_masks,
+    detect_engine,
+    gather_strings,
+    is_dtensor,
+    tensor_digest,
+)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (gathered from every process's shard under FSDP2; collective there)."""
+    t = t.detach()
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def read_parts(parts) -> list[torch.Tensor]:
+    return [(full(p) if idx is None else full(p).index_select(dim, idx)).clone() for _, p, dim, idx in parts]
 
 
 def parse_args(argv=None):
@@ -55,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--stop_at_save", action="store_true", help="stop right after saving (an interrupted run)")
     p.add_argument("--resume", default=None, help="a step_K folder written by --save_at")
     p.add_argument("--find_unused_parameters", default="true", choices=["true", "false"])
+    p.add_argument("--fsdp2", action="store_true", help="shard the model with fully_shard (every layer, then all)")
     return p.parse_args(argv)
 
 
@@ -73,7 +90,7 @@ class Probe:
 
     def after_check(self, step: int) -> None:
         tracker = self.neq.tracker
-        for (name, *_), before, after in zip(self.parts, self.values, read(self.parts)):
+        for (name, *_), before, after in zip(self.parts, self.values, read_parts(self.parts)):
             self.frozen_elements += before.numel()
             if not torch.equal(before, after):
                 diff = (before.float() - after.float()).abs().max().item()
@@ -98,10 +115,10 @@ class Probe:
             }
         )
         self.parts = frozen_parts(self.view)
-        self.values = read(self.parts)
+        self.values = read_parts(self.parts)
 
     def end(self) -> list[str]:
-        for (name, *_), before, after in zip(self.parts, self.values, read(self.parts)):
+        for (name, *_), before, after in zip(self.parts, self.values, read_parts(self.parts)):
             if not torch.equal(before, after):
                 self.violations.append(f"end: {name} moved while frozen")
         return self.violations
@@ -115,12 +132,28 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(cpu=True, kwargs_handlers=[ddp], step_scheduler_with_optimizer=False)
     train, held_out = datasets(args)
     model = build_model(args.model, args.dropout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=args.fused == "true")
+    if args.fsdp2:  # sharded by hand, as a custom loop would: every layer, then the whole model
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in discover_units(model).layer_list:
+            fully_shard(layer)
+        fully_shard(model)
+    fused = args.fused == "true" and not args.fsdp2
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=fused)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=not args.sequential, collate_fn=pad_collator)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, args.max_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if args.fsdp2:
+        optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    config = NEqConfig(eps=args.eps, check_every=args.check_every, holdout_batch_size=args.holdout_batch_size)
+    config = NEqConfig(
+        criterion="absolute",
+        layer_threshold=1.0,
+        eps=args.eps,
+        check_every=args.check_every,
+        holdout_batch_size=args.holdout_batch_size,
+    )
     neq = NEq(model, config, held_out, data_collator=pad_collator)
     accelerator.register_for_checkpointing(neq)
     step = 0
@@ -139,7 +172,10 @@ def main(argv=None) -> dict:
         for batch in batches:
             loss = model(**batch).loss
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            if args.fsdp2:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            else:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
             neq.before_optimizer_step(optimizer)
             optimizer.step()
             neq.after_optimizer_step(optimizer)
@@ -172,8 +208,8 @@ def main(argv=None) -> dict:
     }
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
+    weights = {k: full(v).clone() for k, v in neq.model.state_dict().items()}
     if accelerator.is_main_process:
-        weights = {k: v.detach().clone() for k, v in neq.model.state_dict().items()}
         torch.save(weights, os.path.join(args.out, "final_state.pt"))
     accelerator.wait_for_everyone()
     return out
