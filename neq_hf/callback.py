@@ -5,7 +5,6 @@ A thin adapter: the algorithm and its state live in [`NEq`] (`neq_hf/engine.py`)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -17,14 +16,14 @@ from transformers.data.data_collator import default_data_collator
 
 from .config import NEqConfig
 from .distributed import check_engine
-from .engine import CONFIG_NAME, HISTORY_NAME, STATE_NAME, NEq, _value_bytes, resolve_schedule  # noqa: F401
+from .engine import CONFIG_NAME, HISTORY_NAME, STATE_NAME, NEq, resolve_schedule  # noqa: F401
 from .holdout import _INPUT_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 # Training rows read to look for held-out samples in the training set, and the estimated share of the held-out split
 # found there from which NEq warns (a few exact duplicates are common in real corpora).
-OVERLAP_SCAN_ROWS = 20_000
+OVERLAP_SCAN_ROWS = 10_000
 OVERLAP_WARN_FRACTION = 0.05
 
 
@@ -238,6 +237,15 @@ def _rows(dataset, indices: list[int], column: str) -> list:
     return [dataset[i][column] for i in indices]
 
 
+def _key(value):
+    """A hashable copy of a sample's input (token ids as nested tuples)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_key(v) for v in value) if value and isinstance(value[0], (list, tuple)) else tuple(value)
+    return value
+
+
 def shared_fraction(train_dataset, held_out) -> Optional[float]:
     """Estimated share of the held-out samples that are also training samples (same model inputs), from up to
     ``OVERLAP_SCAN_ROWS`` evenly spaced training rows; `None` when it cannot be told (no length, no input column)."""
@@ -254,11 +262,10 @@ def shared_fraction(train_dataset, held_out) -> Optional[float]:
     column = _input_column(first)
     if column is None or column not in first_train:
         return None
-    held = {hashlib.sha1(_value_bytes(v)).digest() for v in _rows(held_out, list(range(len(held_out))), column)}
+    held = {_key(v) for v in _rows(held_out, list(range(len(held_out))), column)}
     step = max(1, n_train // OVERLAP_SCAN_ROWS)
     indices = list(range(0, n_train, step))
-    found = {h for h in (hashlib.sha1(_value_bytes(v)).digest() for v in _rows(train_dataset, indices, column))}
-    shared = len(held & found)
+    shared = len(held.intersection(_key(v) for v in _rows(train_dataset, indices, column)))
     return min(1.0, shared * (n_train / len(indices)) / len(held))
 
 

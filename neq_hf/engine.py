@@ -631,14 +631,15 @@ def holdout_fingerprint(dataset: Dataset, input_names: set[str]) -> dict:
     """Size and hash of the held-out samples' model inputs (labels and other columns ignored), independent of the
     number of processes."""
     digest = hashlib.sha256()
-    columns = None
-    for i in range(len(dataset)):
-        row = dataset[i]
-        if columns is None:
-            columns = sorted(k for k in row if k in input_names)
-        for k in columns:
+    columns = sorted(k for k in dataset[0] if k in input_names) if len(dataset) else []
+    if hasattr(dataset, "column_names"):  # datasets.Dataset: one columnar read per column, not one read per row
+        rows = zip(*(dataset[k] for k in columns))
+    else:
+        rows = ([dataset[i][k] for k in columns] for i in range(len(dataset)))
+    for row in rows:
+        for k, value in zip(columns, row):
             digest.update(k.encode())
-            digest.update(_value_bytes(row[k]))
+            digest.update(_value_bytes(value))
     return {"scope": "dataset", "samples": len(dataset), "sha256": digest.hexdigest()[:16]}
 
 

@@ -309,18 +309,17 @@ def test_unsupported_model_is_named_before_the_held_out_data(tmp_path):
 
 # -- issue 10 item 3: guard rails against a collapsed run ------------------------------------------------------------
 def test_collapse_scenario_is_flagged(tmp_path, caplog):
-    """The paper's absolute rule at eps=0.1: 88% of units freeze at the first decision, 98% soon after, and the loss
-    stays at ln 2."""
+    """The paper's absolute rule at eps=0.1: nearly every unit freezes at the first decision and the loss stays at
+    ln 2."""
     trainer = neq_trainer(tmp_path, NEqConfig(criterion="absolute", eps=1e-1, check_every=2, holdout_size=16))
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         trainer.train()
     assert "while the training loss has not moved from its start" in caplog.text
     assert "lower NEqConfig.eps (now 0.1) or use criterion='relative'" in caplog.text
     assert "raise NEqConfig.holdout_size (the held-out split has 16 samples)" in caplog.text
-    warnings = [h for h in trainer.state.log_history if "neq/warning" in h]
-    assert len(warnings) == 1 and "stopped learning" in warnings[0]["neq/warning"]
-    assert warnings[0]["step"] == 9  # the loss logged at step 8 showed it; logged with the next step
-    assert "stopped learning" in trainer.neq_summary()["warnings"][0]
+    (stalled,) = [h for h in trainer.state.log_history if "stopped learning" in h.get("neq/warning", "")]
+    assert stalled["step"] == 9  # the loss logged at step 8 showed it; logged with the next step
+    assert any("stopped learning" in w for w in trainer.neq_summary()["warnings"])
 
 
 def test_everything_frozen_at_the_first_decision_is_flagged(tmp_path, caplog):
