@@ -338,6 +338,8 @@ class NEq:
             rule = f"lower NEqConfig.eps (now {cfg.eps:g}) or use criterion='relative' (scale-free)"
         else:
             rule = f"lower NEqConfig.eps_relative (now {cfg.eps_relative:g})"
+        if cfg.layer_threshold < 1:
+            rule += f", raise NEqConfig.layer_threshold (now {cfg.layer_threshold:g}: whole layers freeze from there)"
         size = f"{self.holdout_size} samples" if self.holdout_size is not None else "its size"
         return f"To freeze less: {rule}, or raise NEqConfig.holdout_size (the held-out split has {size})."
 
