@@ -242,6 +242,9 @@ def markdown(results: dict) -> str:
         f"{t['frozen_layers'] - 1} froze, extending the cached states by that layer only "
         f"{r['extend_from_k_minus_1']:.2f} / {c['extend_from_k_minus_1']:.2f}.",
         "",
+        "Every cached setting served each timed step entirely from the cache (`cache_summary` in the JSON). Absolute "
+        "times on a shared machine are indicative only; the settings of one repetition share its load.",
+        "",
         f"Command: `{results['command']}`",
     ]
     return "\n".join(lines) + "\n"
