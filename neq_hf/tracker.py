@@ -12,9 +12,9 @@ from .config import NEqConfig
 from .equilibrium import (
     at_equilibrium,
     cosine_from_sums,
-    typical_change,
     layer_rule,
     relative_equilibrium,
+    typical_change,
     velocity,
 )
 from .units import UnitMap
