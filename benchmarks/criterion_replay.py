@@ -137,15 +137,22 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax, ax_abs) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         thresholds = (0.01, 0.02, 0.05, 0.1, 0.2)
         for name in results:
-            ys = [results[name]["settings"][f"relative {t:g} tau 1"]["average_frozen"] for t in thresholds]
-            ax.plot(thresholds, ys, marker="o", label=name)
+            for tau, style in ((0.5, "-"), (1.0, ":")):
+                ys = [results[name]["settings"][f"relative {t:g} tau {tau:g}"]["average_frozen"] for t in thresholds]
+                ax.plot(thresholds, ys, style, marker="o", label=f"{name}, layer_threshold {tau:g}")
+            eps = (1e-4, 1e-3, 1e-2)
+            ys = [results[name]["settings"][f"absolute {e:g} tau 1"]["average_frozen"] for e in eps]
+            ax_abs.plot(eps, ys, marker="o", label=name)
         ax.set_xscale("log")
-        ax.set_xlabel("eps_relative")
-        ax.set_ylabel("average frozen fraction (replay)")
-        ax.legend()
+        ax.set_xlabel("eps_relative (relative rule)")
+        ax.set_ylabel("average frozen fraction over checks (replay)")
+        ax.legend(fontsize=8)
+        ax_abs.set_xscale("log")
+        ax_abs.set_xlabel("eps (the paper's absolute rule, per unit)")
+        ax_abs.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(a.out + ".png", dpi=120)
     except ImportError:
