@@ -11,7 +11,9 @@ medians over repetitions after warm-up, as ratios to the plain step measured in 
   plus the optimizer state held.
 
 Settings: (a) nothing frozen, (b) 50% / (c) 90% of heads and neurons frozen at random in every layer, (d) every unit
-of the bottom half of the layers frozen, (e) every tracked unit frozen.
+of the bottom half of the layers frozen, (e) every tracked unit frozen. Mechanism rows repeat a pattern with one
+mechanism switched (:data:`VARIANTS`): the masked optimizer step forced on (b), where by default partly frozen tensors
+are still written back, and off on (c) (the write-back that every partly frozen tensor used before).
 
     python benchmarks/step_time.py                       # writes benchmarks/results/step_time.{json,md}
     python benchmarks/step_time.py --readme README.md    # also refreshes the table in the README
@@ -38,11 +40,20 @@ from neq_hf import Freezer, discover_units
 
 HERE = Path(__file__).resolve().parent
 PATTERNS = ["a_none", "b_random50", "c_random90", "d_bottom_half", "e_all"]
+# Mechanism rows: a pattern above with one mechanism switched (same masks), to show what that mechanism buys.
+# ``masked_min_frozen``: fraction of frozen rows from which a tensor's optimizer step skips its frozen rows
+# (0: always; above 1: never, the frozen rows are written back after a whole-tensor step, as before).
+VARIANTS = {
+    "b_random50_masked": ("b_random50", {"masked_min_frozen": 0.0}),
+    "c_random90_writeback": ("c_random90", {"masked_min_frozen": 2.0}),
+}
 LABELS = {
     "plain": "plain Trainer",
     "a_none": "(a) nothing frozen",
     "b_random50": "(b) 50% random",
+    "b_random50_masked": "(b) with the masked optimizer step forced",
     "c_random90": "(c) 90% random",
+    "c_random90_writeback": "(c) with optimizer write-back (before)",
     "d_bottom_half": "(d) bottom half frozen",
     "e_all": "(e) all units frozen",
 }
@@ -94,7 +105,7 @@ def pattern_masks(units, pattern: str, gen: torch.Generator) -> dict:
 class Setting:
     """A model copy with its own Trainer-built optimizer (and NEq freezing for the NEq settings)."""
 
-    def __init__(self, name: str, base_model, args: TrainingArguments, masks=None):
+    def __init__(self, name: str, base_model, args: TrainingArguments, masks=None, **freezer_kwargs):
         self.name = name
         self.model = copy.deepcopy(base_model)
         self.trainer = Trainer(model=self.model, args=args)
@@ -102,7 +113,7 @@ class Setting:
         self.trainer.current_gradient_accumulation_steps = 1
         self.freezer = None
         if masks is not None:
-            self.freezer = Freezer(self.model, discover_units(self.model))
+            self.freezer = Freezer(self.model, discover_units(self.model), **freezer_kwargs)
             self.freezer.locate_embeddings(self.model, lambda: self.model(**self.probe))
             self.freezer.apply(masks)
 
@@ -177,8 +188,12 @@ def run_length(base_model, args: TrainingArguments, cfg: Args, seq_len: int) -> 
     Setting.probe = {k: v[:2] for k, v in batches[0].items() if k != "labels"}
     units = discover_units(base_model)
     settings = [Setting("plain", base_model, args)]
+    masks = {}
     for pattern in PATTERNS:
-        settings.append(Setting(pattern, base_model, args, pattern_masks(units, pattern, gen)))
+        masks[pattern] = pattern_masks(units, pattern, gen)
+        settings.append(Setting(pattern, base_model, args, masks[pattern]))
+    for name, (pattern, freezer_kwargs) in VARIANTS.items():
+        settings.append(Setting(name, base_model, args, masks[pattern], **freezer_kwargs))
 
     # Every setting's optimizer state exists before timing (first steps allocate it).
     for rep in range(cfg.warmup):
@@ -263,15 +278,17 @@ def markdown(results: dict) -> str:
         f"{meta['threads']} threads; median of {meta['repeats']} interleaved repetitions after {meta['warmup']} "
         "warm-up. Ratios are to the plain `Trainer` step measured in the same run; the time ratio's range is over "
         "paired repetitions; the CPU time ratio (process CPU time) is less sensitive to other load on the machine. "
-        "Here the patterns are applied before the first step, so frozen tensors never get optimizer state; in a real "
-        "run a tensor that freezes keeps its (paused) state.",
+        "Here the patterns are applied before the first step, so wholly frozen tensors never get optimizer state (partly "
+        "frozen ones get it at the first warm-up step); in a real run a tensor that freezes keeps its (paused) state.",
         "",
         "| seq | setting | step time ratio (min–max) | target | CPU time ratio | backward FLOPs ratio "
         "| peak step memory ratio | optimizer state ratio | trainable params |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    order = ["plain"] + [n for p in PATTERNS for n in [p] + [v for v, (base, _) in VARIANTS.items() if base == p]]
     for seq, rows in results["lengths"].items():
-        for name, row in rows.items():
+        for name in [n for n in order if n in rows]:
+            row = rows[name]
             target = TARGETS.get(name)
             lo, hi = row["time_ratio_min_max"]
             lines.append(

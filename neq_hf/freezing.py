@@ -88,11 +88,13 @@ class RowSparseGradLinear(torch.autograd.Function):
                 grad_w.index_fill_(out_dim if ctx.axis_out else 1 - out_dim, frozen, 0)
             else:
                 grad_w = torch.zeros(w.shape, dtype=ctx.weight_dtype, device=w.device)
-                gw_oi = grad_w.t() if ctx.transposed else grad_w
                 if ctx.axis_out:
-                    gw_oi.index_copy_(0, active, g2.index_select(1, active).t().matmul(x2).to(ctx.weight_dtype))
+                    rows = g2.index_select(1, active).t().matmul(x2)  # (active, in)
                 else:
-                    gw_oi.index_copy_(1, active, g2.t().matmul(x2.index_select(1, active)).to(ctx.weight_dtype))
+                    rows = g2.t().matmul(x2.index_select(1, active))  # (out, active)
+                rows = (rows.t() if ctx.transposed else rows).to(ctx.weight_dtype)  # in the weight's layout
+                out_dim = 1 if ctx.transposed else 0
+                _put(grad_w, out_dim if ctx.axis_out else 1 - out_dim, active, rows)
         if ctx.needs_input_grad[2]:
             full = g2.sum(0)
             if ctx.axis_out:
@@ -378,6 +380,9 @@ class Freezer:
 
 
 def _snapshot(param: nn.Parameter, dim: int, frozen: torch.Tensor, active: torch.Tensor) -> _Partial:
+    if getattr(param, "_local_tensor", None) is not None:
+        # an FSDP2 (DTensor) shard: its rows are read on the local shard by neq_hf.distributed.ShardedFreezer
+        return _Partial(param, dim, frozen, active, frozen.new_empty(0))
     return _Partial(param, dim, frozen, active, param.detach().index_select(dim, frozen))
 
 
