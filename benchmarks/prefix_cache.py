@@ -13,12 +13,14 @@ Also measured, for k = 3, against the step without the cache: a warm cached step
 the cache held the states entering it (lazy extension: only layer k-1 runs on the cached states; emptying the cache
 instead would cost what an uncached step costs).
 
-    python benchmarks/prefix_cache.py        # writes benchmarks/results/prefix_cache.{json,md}
+    python benchmarks/prefix_cache.py                            # writes benchmarks/results/prefix_cache.{json,md}
+    python benchmarks/prefix_cache.py --repeats 9 --end_to_end   # also whole Trainer runs on SST-2, 2 epochs
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import platform
 import statistics
@@ -35,6 +37,7 @@ from neq_hf import Freezer, discover_units
 from neq_hf.prefix_cache import FrozenPrefixCache
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
 @dataclass
@@ -50,6 +53,11 @@ class Args:
     threads: int = field(default=1, metadata={"help": "torch threads (0: leave torch default)."})
     seed: int = field(default=0, metadata={"help": "Seed of the batches."})
     output_dir: str = field(default=str(HERE / "results"), metadata={"help": "Where prefix_cache.{json,md} go."})
+    end_to_end: bool = field(
+        default=False, metadata={"help": "Also time whole Trainer runs on SST-2 (shipped sample), 2 epochs."}
+    )
+    e2e_samples: int = field(default=2000, metadata={"help": "Training samples of the end-to-end runs."})
+    e2e_epochs: int = field(default=2, metadata={"help": "Epochs of the end-to-end runs."})
 
 
 def resolve_model(name: str) -> str:
@@ -212,6 +220,90 @@ def transition_costs(base, args, probe, cfg: Args, device, gen, k: int = 3) -> d
     return out
 
 
+def end_to_end(cfg: Args) -> dict:
+    """Whole Trainer runs on SST-2 (the sample shipped in examples/data), MiniLM, batch 32, at most 64 tokens with
+    dynamic padding, lr 5e-5, seed 0: full fine-tuning and the embeddings + bottom k layers frozen from step 0, with
+    and without the cache. The first epoch fills the cache; it is served from the second on. Runs are sequential, so
+    CPU time is the steadier figure."""
+    import csv
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    data = ROOT / "examples" / "data" / "glue" / "SST-2"
+
+    def read(name, n=None):
+        with open(data / name, encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:n]
+        return Dataset.from_dict({"sentence": [r["sentence"] for r in rows], "label": [int(r["label"]) for r in rows]})
+
+    path = resolve_model(cfg.model_name_or_path)
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def encode(ds):
+        return ds.map(lambda b: tok(b["sentence"], truncation=True, max_length=64), batched=True).remove_columns(
+            "sentence"
+        )
+
+    train, dev = encode(read("train.tsv", cfg.e2e_samples)), encode(read("dev.tsv"))
+    collator = DataCollatorWithPadding(tok)
+    runs = {}
+    for name, k, cached in (
+        ("full", 0, False),
+        ("k2", 2, False),
+        ("k2_cache", 2, True),
+        ("k3", 3, False),
+        ("k3_cache", 3, True),
+    ):
+        tmp = tempfile.mkdtemp(prefix="neq_prefix_e2e_")
+        args = TrainingArguments(
+            output_dir=tmp,
+            report_to=[],
+            learning_rate=5e-5,
+            per_device_train_batch_size=32,
+            per_device_eval_batch_size=64,
+            num_train_epochs=cfg.e2e_epochs,
+            seed=0,
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            use_cpu=True,
+        )
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        probe = {k_: v[:2] for k_, v in collator([train[i] for i in range(2)]).items() if k_ != "labels"}
+        cache = None
+        if k:
+            units = discover_units(model)
+            freezer = Freezer(model, units)
+            freezer.locate_embeddings(model, functools.partial(model, **probe))
+            freezer.apply(bottom_masks(units, k))
+            if cached:
+                cache = FrozenPrefixCache(model, units.layer_list, max_megabytes=1024)
+                cache.locate(functools.partial(model, **probe))
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+        start, cpu = time.perf_counter(), time.process_time()
+        trainer.train()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        pred = trainer.predict(dev)
+        accuracy = float((pred.predictions.argmax(-1) == pred.label_ids).mean())
+        runs[name] = {
+            "frozen_layers": k,
+            "cache": cached,
+            "train_seconds": wall,
+            "train_cpu_seconds": cpu,
+            "dev_accuracy": accuracy,
+            "cache_summary": cache.summary() if cache is not None else None,
+        }
+        if cache is not None:
+            cache.close()
+        print(name, runs[name], flush=True)
+    for row in runs.values():
+        row["time_ratio"] = row["train_seconds"] / runs["full"]["train_seconds"]
+        row["cpu_time_ratio"] = row["train_cpu_seconds"] / runs["full"]["train_cpu_seconds"]
+    return {"samples": cfg.e2e_samples, "epochs": cfg.e2e_epochs, "dev_samples": len(dev), "runs": runs}
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [
@@ -244,6 +336,27 @@ def markdown(results: dict) -> str:
         "",
         "Every cached setting served each timed step entirely from the cache (`cache_summary` in the JSON). Absolute "
         "times on a shared machine are indicative only; the settings of one repetition share its load.",
+    ]
+    if "end_to_end" in results:
+        e = results["end_to_end"]
+        lines += [
+            "",
+            f"Whole runs, SST-2 ({e['samples']} training sentences shipped in examples/data, {e['epochs']} epochs, "
+            f"dev accuracy on {e['dev_samples']}), sequential runs:",
+            "",
+            "| run | train CPU time ratio | wall time ratio | dev accuracy | samples served / computed |",
+            "|---|---|---|---|---|",
+        ]
+        for row in e["runs"].values():
+            label = "full fine-tuning" if not row["frozen_layers"] else f"bottom {row['frozen_layers']} frozen"
+            label += ", **cache**" if row["cache"] else ""
+            cs = row["cache_summary"]
+            served = f"{cs['served']} / {cs['computed']}" if cs else "-"
+            lines.append(
+                f"| {label} | {row['cpu_time_ratio']:.2f} | {row['time_ratio']:.2f} | {100 * row['dev_accuracy']:.1f} "
+                f"| {served} |"
+            )
+    lines += [
         "",
         f"Command: `{results['command']}`",
     ]
@@ -253,6 +366,8 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict:
     (cfg,) = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)
     results = run(cfg)
+    if cfg.end_to_end:
+        results["end_to_end"] = end_to_end(cfg)
     results["environment"] = {
         "model": cfg.model_name_or_path,
         "batch_size": cfg.batch_size,
