@@ -12,10 +12,13 @@ NEq's own multi-process logic is a single ``all_reduce`` of the three cosine sum
 - **FSDP1** (``FullyShardedDataParallel``): refused. Parameters are flattened into ``FlatParameter`` shards: the
   rows of one weight are not addressable, and ``requires_grad`` of an original parameter does not reach the
   ``FlatParameter`` that is actually trained (with ``use_orig_params=True`` it must stay uniform per flat parameter).
-- **FSDP2** (``fully_shard``): refused for now. Whole-tensor freezing works, but each process holds a ``Shard(0)``
-  slice of every weight as a ``DTensor``; restoring frozen rows of a partly frozen weight needs indexing of the
-  local shard, which the freezer does not do, and the sharded forward of the held-out pass would need the same
-  number of batches on every process. Frozen rows would drift, so NEq refuses rather than train them silently.
+- **FSDP2** (``fully_shard``, Accelerate's FSDP2 plugin or a custom loop): supported exactly. Parameters are
+  ``DTensor`` shards by rows (``Shard(0)``). Whole-tensor freezing (``requires_grad``, synced by FSDP2 to the
+  unsharded parameter at each all-gather), the row-sparse backward (it runs on the unsharded weight) and the backward
+  stop work as in one process; :class:`ShardedFreezer` writes the frozen rows of partly frozen weights, and of their
+  optimizer state, back on each process's local shard, with indices translated to local coordinates. Held-out passes
+  are padded so that every process runs as many sharded forwards, and the unsharded parameters FSDP2 keeps after a
+  forward without backward are freed after each pass.
 - **DeepSpeed ZeRO** (any stage): refused. DeepSpeed owns the optimizer and partitions trainable parameters into
   flat fp32 groups built once at initialization; a parameter without a gradient still gets weight decay and moment
   updates, and rows cannot be restored.
@@ -27,12 +30,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .freezing import Freezer, _row_state_keys, _torch_optimizer
 
 
 class Engine(str, Enum):
@@ -50,8 +56,9 @@ class Engine(str, Enum):
 
 _ALTERNATIVE = (
     "Use DDP instead (`accelerate launch --multi_gpu` or `torchrun`, with "
-    "examples/accelerate_configs/multi_gpu.yaml), or, when the model does not fit on one device, NEq with LoRA "
-    "(`NEqTrainer(..., peft_config=LoraConfig(...))`) under DDP."
+    "examples/accelerate_configs/multi_gpu.yaml), or, when the model does not fit on one device, FSDP2 "
+    "(examples/accelerate_configs/fsdp2.yaml) or NEq with LoRA (`NEqTrainer(..., peft_config=LoraConfig(...))`) under "
+    "DDP."
 )
 
 
@@ -165,7 +172,7 @@ def check_engine(args: Any, model: Optional[nn.Module] = None) -> Engine:
     by [`NEq`] with ``args=None`` and the model as the custom loop runs it (a DDP wrapper is inspected directly).
     """
     engine = detect_engine(args, model)
-    if engine in (Engine.SINGLE,):
+    if engine in (Engine.SINGLE, Engine.FSDP2):
         return engine
     if engine is Engine.DDP and isinstance(model, nn.parallel.DistributedDataParallel):
         # A custom loop hands over the DDP wrapper itself (e.g. from `accelerator.prepare`): read its settings.
@@ -219,11 +226,6 @@ def check_engine(args: Any, model: Optional[nn.Module] = None) -> Engine:
             "neuron cannot be frozen, and requires_grad of an original parameter does not reach the FlatParameter "
             "that is trained (with use_orig_params=True it must stay uniform per FlatParameter)."
         ),
-        Engine.FSDP2: (
-            "FSDP2 shards every weight by rows across processes (DTensor Shard(0)): NEq can freeze whole tensors "
-            "there but cannot yet keep the frozen rows of a partly frozen weight bit-identical through the optimizer "
-            "step, and the held-out pass would need the same number of sharded forwards on every process."
-        ),
         Engine.DEEPSPEED: (
             "DeepSpeed ZeRO owns the optimizer and packs trainable parameters into flat partitions built once at "
             "initialization: parameters NEq freezes later would still receive weight decay and moment updates, and "
@@ -272,7 +274,8 @@ def tensor_digest(tensors) -> str:
         t = t.detach()
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
-        t = t.to("cpu").contiguous()
+        # a copy: numpy must not share the storage of a parameter (FSDP2 frees unsharded storage by resizing it)
+        t = t.to("cpu", copy=True).contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -293,3 +296,124 @@ def assert_same_masks(frozen: dict) -> str:
     if len(set(digests)) != 1:
         raise RuntimeError(f"NEq masks differ across processes: {digests}")
     return digests[0]
+
+
+# -- FSDP2: freezing rows on local shards ----------------------------------------------------------------------------
+def is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters FSDP2 keeps after a forward without backward (the root module keeps them until
+    the next backward), so that the next forward gathers them again with their current ``requires_grad``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view: in-place writes reach the DTensor), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _shard_range(p: torch.Tensor, dim: int) -> Optional[tuple[int, int]]:
+    """``(start, stop)`` of the global indices along ``dim`` held by this process's shard of ``p``; ``None`` when
+    ``p`` is not sharded along ``dim`` (every index is local)."""
+    if not is_dtensor(p):
+        return None
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    sharded = [pl.dim for pl in p.placements if isinstance(pl, Shard)]
+    if not sharded:
+        return None
+    if len(sharded) > 1 or p.device_mesh.ndim != 1:
+        raise ValueError(
+            "NEq supports FSDP2 parameters sharded along one dimension of a 1-D device mesh (fully_shard's default "
+            f"Shard(0)), got placements {p.placements} on a {p.device_mesh.ndim}-D mesh. Use fully_shard without "
+            "shard_placement_fn and without HSDP."
+        )
+    if sharded[0] != dim:
+        return None
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[dim], offset[dim] + shape[dim]
+
+
+@dataclass
+class _LocalPart:
+    """The frozen rows of a partly frozen tensor that this process holds: local indices along ``dim`` of the local
+    shard, their values when they froze, and (after the first optimizer step) those of its optimizer state."""
+
+    param: nn.Parameter
+    dim: int
+    frozen: torch.Tensor
+    rows: torch.Tensor
+    states: Optional[dict[str, torch.Tensor]] = None
+    known: set = field(default_factory=set)
+
+
+class ShardedFreezer(Freezer):
+    """[`Freezer`] for FSDP2 (``fully_shard``), whose parameters are DTensors sharded by rows across processes.
+
+    Whole-tensor freezing, the row-sparse backward (it runs on the unsharded weight during forward and backward) and
+    the backward stop are those of [`Freezer`]. What differs is the optimizer step, which updates each process's
+    local shard: the frozen rows of a partly frozen tensor are translated into local coordinates of that shard (a
+    process may hold none of them, or none of the tensor's rows), and after every step they and their optimizer
+    state (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``...) are written back on the local shard, so that they
+    stay bit-identical on every process. The optimizer state rows are taken at the first step after the rows froze
+    (a released unit resumes from the state it had when it froze).
+    """
+
+    def apply(self, unit_active: dict[tuple[int, str], torch.Tensor]) -> None:
+        super().apply(unit_active)
+        self._local_parts = [self._localize(q.param, q.dim, q.frozen) for q in self._partials]
+        self._partials = []  # the parent's optimizer hooks act on whole tensors: not used here
+
+    @torch.no_grad()
+    def _localize(self, param: nn.Parameter, dim: int, frozen: torch.Tensor) -> _LocalPart:
+        local = _local(param.detach())
+        span = _shard_range(param, dim)
+        if span is not None:
+            start, stop = span
+            frozen = frozen[(frozen >= start) & (frozen < stop)] - start
+        frozen = frozen.to(local.device)
+        return _LocalPart(param, dim, frozen, local.index_select(dim, frozen).clone())
+
+    @torch.no_grad()
+    def before_optimizer_step(self, optimizer) -> None:
+        state = _torch_optimizer(optimizer).state
+        for part in getattr(self, "_local_parts", []):
+            if part.states is None:  # first step since these rows froze: their optimizer state is still theirs
+                st = state.get(part.param, {})
+                keys = _row_state_keys(st, part.param)
+                part.states = {k: _local(st[k]).index_select(part.dim, part.frozen).clone() for k in keys}
+                part.known = set(st)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, optimizer) -> None:
+        state = _torch_optimizer(optimizer).state
+        for part in getattr(self, "_local_parts", []):
+            if part.frozen.numel() == 0:
+                continue
+            _local(part.param.detach()).index_copy_(part.dim, part.frozen, part.rows)
+            st = state.get(part.param, {})
+            for key in _row_state_keys(st, part.param):
+                target = _local(st[key])
+                saved = part.states.get(key) if part.states is not None else None
+                if saved is not None:
+                    target.index_copy_(part.dim, part.frozen, saved)
+                elif part.states is not None and key not in part.known:
+                    target.index_fill_(part.dim, part.frozen, 0)  # state created by this very step
+                    part.states[key] = target.index_select(part.dim, part.frozen).clone()
+
+    def release(self) -> None:
+        super().release()
+        self._local_parts = []

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers.data.data_collator import default_data_collator
 
 from .config import NEqConfig
-from .distributed import check_engine, reduce_device
+from .distributed import Engine, ShardedFreezer, check_engine, detect_engine, reduce_device, reshard
 from .freezing import Freezer
 from .holdout import OutputRecorder, build_holdout_loader, model_input_names, plan_reference
 from .prefix_cache import FrozenPrefixCache
@@ -144,7 +144,13 @@ class NEq:
             self.holdout_size = len(holdout_dataset)
         else:
             self.loader = holdout_dataloader
-        self.freezer = Freezer(
+        # FSDP2 shards parameters by rows: frozen rows are kept on each process's local shard, and every held-out
+        # forward is collective (all-gathers), so every process runs as many as the process with the most batches.
+        self.sharded = detect_engine(None, model) is Engine.FSDP2
+        self._pad_to = None
+        if self.sharded and _distributed():
+            self._pad_to = _max_across_processes(len(self.loader), reduce_device(self._device()))
+        self.freezer = (ShardedFreezer if self.sharded else Freezer)(
             self.model,
             self.unit_map,
             freeze_embeddings=self.config.freeze_embeddings,
@@ -172,6 +178,8 @@ class NEq:
         )
         first = next(iter(self.loader))
         self.freezer.locate_embeddings(self.model, lambda: self._forward_once(first))
+        if self.sharded:
+            reshard(self.model)
         self.prefix_cache: Optional[FrozenPrefixCache] = None  # NEqConfig.cache_frozen_prefix; hooked by setup()
         if self.config.cache_frozen_prefix:
             mb = self.config.prefix_cache_megabytes
@@ -260,7 +268,19 @@ class NEq:
         device = self._device()
 
         def run_pass(on_batch):
-            self.recorder.run(self.model, self.loader, device, on_batch)
+            if self._pad_to is None:
+                self.recorder.run(self.model, self.loader, device, on_batch)
+            else:
+                real, seen = len(self.loader), [0]
+
+                def on_real_batch(start, pooled):
+                    seen[0] += 1
+                    if seen[0] <= real:  # the padding forwards only keep the collectives in step
+                        on_batch(start, pooled)
+
+                self.recorder.run(self.model, _Padded(self.loader, self._pad_to), device, on_real_batch)
+            if self.sharded:
+                reshard(self.model)
 
         figures = self.tracker.check(run_pass, self._all_reduce)
         self.freezer.apply(self.tracker.unit_active())
@@ -553,6 +573,31 @@ class NEq:
                 sum(h[f"per_layer/{kind}"][i] for h in checks) / len(checks) for i in range(layers)
             ]
         return out
+
+
+def _max_across_processes(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+class _Padded:
+    """The batches of ``loader``, then its first batch again until there are ``length`` of them."""
+
+    def __init__(self, loader, length: int):
+        self.loader, self.length = loader, length
+
+    def __iter__(self):
+        first, n = None, 0
+        for batch in self.loader:
+            first = batch if first is None else first
+            n += 1
+            yield batch
+        for _ in range(self.length - n):
+            yield first
+
+    def __len__(self) -> int:
+        return self.length
 
 
 def _skips_step(optimizer) -> bool:

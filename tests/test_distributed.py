@@ -176,15 +176,6 @@ def test_ddp_gqa_llama_checkpointing_everything_frozen(tmp_path):
     assert last["trainable_parameters"] == 32 + 32 * 2  # what runs above the layers: final norm, classifier
 
 
-def test_fsdp2_refused_under_torchrun(tmp_path):
-    # Accelerate's FSDP2 runs on CPU: the Trainer wraps the model, then NEq refuses before the first step.
-    result = run_neq(tmp_path, "--model", "bert", "--max_steps", "8", "--check_every", "2", "--fsdp", "2")
-    assert result.returncode != 0
-    assert "NEq cannot freeze exactly under fsdp2" in result.stdout
-    assert "Use DDP instead" in result.stdout
-    assert not (tmp_path / "rank0.json").exists()
-
-
 # -- engine detection and refusals, in process -------------------------------------------------------------------
 def fake_args(**kw):
     base = dict(world_size=1, n_gpu=0, ddp_find_unused_parameters=None, ddp_static_graph=None)
@@ -237,9 +228,8 @@ def test_ddp_settings_that_cannot_freeze_are_refused(kwargs, message, clean_env)
 @pytest.mark.parametrize(
     "kwargs, env, engine",
     [
-        (dict(fsdp=["full_shard"], fsdp_config={"version": 2}), {}, Engine.FSDP2),
         (dict(fsdp=["full_shard"], fsdp_config={}), {}, Engine.FSDP1),
-        (dict(), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, Engine.FSDP2),
+        (dict(), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, Engine.FSDP1),
         (dict(deepspeed="ds_config.json"), {}, Engine.DEEPSPEED),
         (dict(), {"ACCELERATE_USE_DEEPSPEED": "true"}, Engine.DEEPSPEED),
         (dict(n_gpu=2), {}, Engine.DATA_PARALLEL),
