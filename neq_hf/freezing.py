@@ -144,7 +144,11 @@ _PATCH_ATTRS = (
 
 
 class Freezer:
-    """Applies unit masks to a model. Only parameters that were trainable when it was built are ever touched."""
+    """Applies unit masks to a model. Only parameters that were trainable when it was built are ever touched.
+
+    ``row_sparse_min_frozen``: fraction of frozen rows from which a partly frozen weight's gradient is computed for
+    its active rows only. ``masked_min_frozen``: fraction of frozen rows from which a partly frozen tensor's optimizer
+    step runs on its active rows only (above 1: never; see the module docstring, item 4)."""
 
     def __init__(
         self,
