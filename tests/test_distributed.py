@@ -267,7 +267,12 @@ def test_mask_digest():
 # -- shipped Accelerate configs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, distributed_type, for_neq",
-    [("multi_gpu", "MULTI_GPU", True), ("fsdp", "FSDP", False), ("deepspeed_zero2", "DEEPSPEED", False)],
+    [
+        ("multi_gpu", "MULTI_GPU", True),
+        ("fsdp", "FSDP", True),
+        ("fsdp2", "FSDP", True),
+        ("deepspeed_zero2", "DEEPSPEED", False),
+    ],
 )
 def test_accelerate_configs(name, distributed_type, for_neq):
     from accelerate.commands.config.config_args import load_config_from_file
