@@ -121,6 +121,8 @@ def detect_engine(args: Any = None, model: Optional[nn.Module] = None) -> Engine
         return Engine.FSDP1
     if FSDPModule and any(isinstance(m, FSDPModule) for m in modules):
         return Engine.FSDP2
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in modules):
+        return Engine.DDP  # what actually wraps the model, whatever the launcher's FSDP settings say
     plugin = state.get("fsdp_plugin")
     if distributed_type == "FSDP" or plugin is not None:
         return Engine.FSDP2 if getattr(plugin, "fsdp_version", 1) == 2 else Engine.FSDP1

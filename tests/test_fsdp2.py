@@ -141,3 +141,21 @@ def test_fsdp2_is_accepted(kwargs, env, monkeypatch):
     args = fake_args(world_size=2, **kwargs)
     assert detect_engine(args, tiny_classifier()) is Engine.FSDP2
     assert check_engine(args, tiny_classifier()) is Engine.FSDP2
+
+
+def test_ddp_wrapper_wins_over_fsdp_settings(monkeypatch):
+    """Accelerate's FSDP plugin is not applied on CPU (the model gets DDP), but it leaves ACCELERATE_USE_FSDP set:
+    the wrapper that is actually there decides."""
+    import torch.distributed as dist
+    from conftest import free_port
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        assert detect_engine(None, DistributedDataParallel(tiny_classifier())) is Engine.DDP
+        assert detect_engine(None, tiny_classifier()) is Engine.FSDP1  # a bare model: the settings are all there is
+    finally:
+        dist.destroy_process_group()
