@@ -36,7 +36,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -514,7 +514,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 results["neq"]["heatmap"] = HEATMAP_NAME
     accelerator.wait_for_everyone()
     if script_args.save_model:
-        unwrapped.save_pretrained(out, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+        # Under FSDP the weights are shards on every process: gather them (a collective) for the saved model.
+        sharded = accelerator.distributed_type == DistributedType.FSDP and peft_config is None
+        state_dict = accelerator.get_state_dict(model) if sharded else None
+        unwrapped.save_pretrained(
+            out, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
+        )
         if accelerator.is_main_process:
             tokenizer.save_pretrained(out)
     if accelerator.is_main_process:
