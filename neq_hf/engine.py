@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "neq_state_rank{rank}.pt"
 CONFIG_NAME = "neq_config.json"
 HISTORY_NAME = "neq_history.json"
-AUTO_CHECKS = 10
+AUTO_CHECKS = 20  # checks per run with check_every='auto': the first decision comes at 10% of the run
 STATE_FORMAT = 1
 # Guard rails against a collapsed run (a criterion far too loose for the regime): more than this fraction of units
 # frozen at the first decision, or more than COLLAPSE_FROZEN frozen while the training loss stays within
@@ -607,11 +607,10 @@ def _skips_step(optimizer) -> bool:
 
 
 def resolve_schedule(config: NEqConfig, max_steps: Optional[int], num_epochs: Optional[int]) -> Union[int, str]:
-    """The check interval of a run (`"auto"` becomes 10 checks per run); raises a `ValueError` when the run is too
-    short for a single decision."""
+    """The check interval of a run (`"auto"` becomes `AUTO_CHECKS` checks per run); raises a `ValueError` when the run
+    is too short for a single decision."""
     every = config.check_every
     if every == "auto":
-        # 10 checks per run: every 10% of the optimizer steps.
         every = max(1, round(max_steps / AUTO_CHECKS)) if max_steps and max_steps > 0 else "epoch"
     if every == "epoch":
         n_checks, what = num_epochs, f"num_train_epochs={num_epochs}"
