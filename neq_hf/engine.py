@@ -182,6 +182,11 @@ class NEq:
             reshard(self.model)
         self.prefix_cache: Optional[FrozenPrefixCache] = None  # NEqConfig.cache_frozen_prefix; hooked by setup()
         if self.config.cache_frozen_prefix:
+            if self.sharded:
+                raise ValueError(
+                    "NEqConfig.cache_frozen_prefix is not supported under FSDP2 (the cached prefix would skip sharded "
+                    "forwards that every process must run): set cache_frozen_prefix=False."
+                )
             mb = self.config.prefix_cache_megabytes
             self.prefix_cache = FrozenPrefixCache(self.model, self.unit_map.layer_list, max_megabytes=mb)
         self.check_every: Union[int, str] = self.config.check_every  # "auto" is resolved by setup()
