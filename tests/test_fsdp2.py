@@ -174,3 +174,70 @@ def test_ddp_wrapper_wins_over_fsdp_settings(monkeypatch):
         assert detect_engine(None, tiny_classifier()) is Engine.FSDP1  # a bare model: the settings are all there is
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def one_process_group(monkeypatch):
+    import torch.distributed as dist
+    from conftest import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def sharded_classifier():
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_classifier()
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def test_sharded_freezer_in_one_process(one_process_group):
+    """FSDP2 in one process: the engine picks the sharded freezer, and a partly frozen weight's frozen rows and their
+    AdamW state stay bit-identical on the (local) shard while the other rows train."""
+    from conftest import pad_collator, token_dataset, unit_mask
+
+    from neq_hf import NEq, NEqConfig
+    from neq_hf.distributed import ShardedFreezer
+
+    model = sharded_classifier()
+    neq = NEq(
+        model, NEqConfig(check_every=2), token_dataset(24, seed=1, with_labels=False), data_collator=pad_collator
+    )
+    assert neq.sharded and isinstance(neq.freezer, ShardedFreezer)
+    neq.setup(max_steps=12)
+    neq.freezer.apply({(0, "heads"): unit_mask(4, [0, 1, 2])})  # rows 0..23 of Q, K, V in layer 0
+    query = dict(model.named_parameters())["bert.encoder.layer.0.attention.self.query.weight"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = token_dataset(32)
+    first, before_active, states = query.to_local()[:24].clone(), query.to_local()[24:].clone(), None
+    for step in range(3):
+        model(**pad_collator([data[i] for i in range(8 * step, 8 * step + 8)])).loss.backward()
+        neq.before_optimizer_step(optimizer)
+        optimizer.step()
+        neq.after_optimizer_step(optimizer)
+        optimizer.zero_grad()
+        local = query.to_local()
+        state = {k: v.to_local()[:24].clone() for k, v in optimizer.state[query].items() if k != "step"}
+        if states is None:  # created by the first step: zero in the frozen rows, and kept so
+            states = state
+            assert all(not s.any() for s in states.values())
+        assert torch.equal(local[:24], first)
+        assert all(torch.equal(state[k], states[k]) for k in states)
+    assert not torch.equal(query.to_local()[24:], before_active)  # the active head trains
+    neq.close()
+
+
+def test_prefix_cache_refused_under_fsdp2(one_process_group):
+    from conftest import pad_collator, token_dataset
+
+    from neq_hf import NEq, NEqConfig
+
+    with pytest.raises(ValueError, match="cache_frozen_prefix is not supported under FSDP2"):
+        NEq(sharded_classifier(), NEqConfig(cache_frozen_prefix=True), token_dataset(8), data_collator=pad_collator)
