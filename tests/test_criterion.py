@@ -110,21 +110,32 @@ def test_relative_rule_is_invariant_to_scaling_every_change():
         return {k: m.clone() for k, m in tracker.frozen.items()}
 
     total = sum(n.values())
-    relative = NEqConfig(criterion="relative", eps_relative=0.5)
+    relative = NEqConfig(criterion="relative", eps_relative=0.5, layer_threshold=1.0)
     ref = decisions(relative, 1.0)
     assert 0 < sum(int(m.sum()) for m in ref.values()) < total
     for c in (0.25, 1 / 64):
         assert all(torch.equal(ref[k], decisions(relative, c)[k]) for k in keys)
-    absolute = NEqConfig(criterion="absolute", eps=1e-3)
+    absolute = NEqConfig(criterion="absolute", eps=1e-3, layer_threshold=1.0)
     counts = [sum(int(m.sum()) for m in decisions(absolute, c).values()) for c in (1.0, 1 / 64)]
     assert counts[0] < counts[1]  # the absolute rule freezes more as the run moves less
 
 
 def test_layer_threshold_one_is_per_unit_freezing():
-    _, per_unit = _run(NEqConfig(criterion="relative", eps_relative=0.3), scale=1e-2)
-    _, tau_one = _run(NEqConfig(criterion="relative", eps_relative=0.3, layer_threshold=1.0), scale=1e-2)
-    for a, b in zip(per_unit, tau_one):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = NEqConfig(criterion="relative", eps_relative=0.3, layer_threshold=1.0)
+    tracker = EquilibriumTracker(discover_units(tiny_classifier("bert")), cfg)
+    feed = _Outputs(tracker)
+    total = sum(tracker.num_units.values())
+    frozen_counts = []
+    for t in range(7):
+        feed.run(t, 1e-2)
+        # tau = 1.0: the masks are exactly the per-unit equilibrium decisions, nothing frozen beyond them
+        for k in tracker.keys:
+            assert torch.equal(tracker.frozen[k], tracker.equilibrium[k]), (t, k)
+        frozen_counts.append(sum(int(m.sum()) for m in tracker.frozen.values()))
+    assert 0 < frozen_counts[-1] < total  # some units at rest, not all: the comparison is not vacuous
+    # the default threshold (0.5) freezes whole layers over the same outputs: more than per-unit freezing
+    _, layered = _run(NEqConfig(criterion="relative", eps_relative=0.3, layer_threshold=0.5), scale=1e-2)
+    assert sum(int(m.sum()) for m in layered[-1].values()) >= frozen_counts[-1]
 
 
 def test_layer_threshold_freezes_whole_bottom_layers():

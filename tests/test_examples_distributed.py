@@ -1,4 +1,4 @@
-"""`examples/glue.py` under two CPU processes (``torchrun``, gloo) on a slice of the offline GLUE copy."""
+"""`examples/glue.py` under two CPU processes (``torchrun``, gloo) on a slice of the SST-2 copy shipped in examples/."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from conftest import free_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-GLUE = ROOT.parent / "shared" / "data" / "glue"
+GLUE = ROOT / "examples" / "data" / "glue"
 TIMEOUT = 300
 
-pytestmark = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").is_file(), reason="offline GLUE copy not found")
+pytestmark = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").is_file(), reason="examples/data/glue/SST-2 not found")
 
 
 def test_glue_neq_two_processes(tmp_path):

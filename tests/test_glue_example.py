@@ -147,7 +147,18 @@ def test_tsv_errors_name_the_problem(glue_dir):
         read_glue_tsv(glue_dir / "bad.tsv", "rte")
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_GLUE), reason="no shared GLUE data")
+SHIPPED_GLUE = os.path.join(EXAMPLES, "data", "glue")
+
+
+def test_shipped_sst2_files():
+    # examples/data/glue: the first 4,000 rows of SST-2's train.tsv and its whole dev.tsv (examples/data/README.md).
+    counts = {"train": (4000, 2193), "validation": (872, 444)}
+    for split, (rows, ones) in counts.items():
+        data = load_glue_dir(SHIPPED_GLUE, "sst2", split)
+        assert (len(data), sum(data["label"])) == (rows, ones), split
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_GLUE), reason="no GLUE copy at ../shared/data/glue (a developer folder)")
 def test_real_glue_files():
     counts = {("sst2", "validation"): (872, 444), ("mrpc", "validation"): (408, 279), ("rte", "train"): (2490, 1241)}
     counts[("qnli", "validation")] = (5463, 2761)
