@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GLUE = ROOT / "examples" / "data" / "glue"
 TIMEOUT = 300
 
-pytestmark = pytest.mark.skipif(not (GLUE / "SST-2" / "train.tsv").is_file(), reason="examples/data/glue/SST-2 not found")
+pytestmark = pytest.mark.skipif(
+    not (GLUE / "SST-2" / "train.tsv").is_file(), reason="examples/data/glue/SST-2 not found"
+)
 
 
 def test_glue_neq_two_processes(tmp_path):
