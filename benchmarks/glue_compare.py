@@ -390,7 +390,6 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
         for m in [*TABLE_ORDER, *sorted(set(by_method) - set(TABLE_ORDER))]
         if m in by_method
     )
-    neq = next((r for r in results if "neq" in r), None)
     lora = next((r for r in results if "lora" in r), None)
     seeds = "; ".join(
         f"{TASK_TITLES.get(t, t)} {','.join(str(s) for s in sorted({r['seed'] for r in results if r['task'] == t}))}"
@@ -413,12 +412,22 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
             f"- LoRA: r {lora['lora']['r']}, alpha {lora['lora']['alpha']}, dropout {lora['lora']['dropout']}, on "
             f"{', '.join(lora['lora']['target_modules'])}; the classifier trains fully."
         )
-    if neq is not None:
-        c = neq["neq"]["config"]
+    by_method = {}
+    for r in results:
+        if "neq" in r:
+            by_method.setdefault(r["method"], r)
+    for method, run in by_method.items():
+        c = run["neq"]["config"]
+        rule = (
+            f"relative rule, eps_relative {c['eps_relative']:g}"
+            if c.get("criterion", "absolute") == "relative"
+            else f"absolute rule, eps {c['eps']:g}"
+        )
+        extras = ", frozen-prefix cache" if c.get("cache_frozen_prefix") else ""
         lines.append(
-            f"- NEq: eps {c['eps']:g}, mu {c['mu']:g}, a check every "
-            f"{_every(c['check_every'], neq['neq']['summary'].get('check_every'))} on "
-            f"{neq['holdout_samples']} held-out training samples, which NEq runs do not train on."
+            f"- {method}: {rule}, mu {c['mu']:g}, layer_threshold {c.get('layer_threshold', 1.0):g}{extras}, a check "
+            f"every {_every(c['check_every'], run['neq']['summary'].get('check_every'))} on "
+            f"{run['holdout_samples']} held-out training samples, which NEq runs do not train on."
         )
     lines += [
         "- dev metric: mean ± sample standard deviation over seeds. train time: `Trainer` train_runtime (NEq's "
