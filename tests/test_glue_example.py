@@ -448,11 +448,11 @@ def test_harness_table_and_readme_block(tmp_path):
     assert "--eps" not in cmd
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\n{glue_compare.README_START}\nold\n{glue_compare.README_END}\n\nKeep me.\n")
+    readme.write_text(f"# Title\n\n{glue_compare.README_START}\nstale block\n{glue_compare.README_END}\n\nKeep me.\n")
     glue_compare.update_readme(str(readme), table)
     text = readme.read_text()
     assert text.startswith("# Title\n\n") and text.endswith(f"{glue_compare.README_END}\n\nKeep me.\n")
-    assert "old" not in text and rows["neq"] in text
+    assert "stale block" not in text and rows["neq"] in text
     readme.write_text("# No markers\n")
     with pytest.raises(ValueError, match="glue-results:start"):
         glue_compare.update_readme(str(readme), table)
