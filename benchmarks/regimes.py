@@ -89,7 +89,9 @@ def render(args) -> str:
         with open(args.smollm2) as f:
             sm = json.load(f)
         runs = {r["run"]: r for r in sm.get("runs", [])}
-        if "lora" in runs and "neq_lora" in runs:
+        # only a run of NEq's default rule counts (older files hold the paper's absolute rule)
+        neq_config = (runs.get("neq_lora") or {}).get("neq_config") or {}
+        if "lora" in runs and neq_config.get("criterion") == "relative":
             base, neq = runs["lora"], runs["neq_lora"]
             s = neq.get("neq", {})
             lines.append(
