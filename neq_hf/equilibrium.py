@@ -9,17 +9,25 @@ For a unit i with outputs y_i^t on the held-out split at check t (paper, Sec. 3)
 
 The paper's rule is absolute: eps is compared with a velocity whose scale depends on the learning rate, the check
 interval and the method (LoRA barely moves unit outputs, so |v| < 1e-3 holds for nearly every unit at once). The
-relative rule measures the same quantities in units of the run's own rate of change:
+relative rule measures the same quantities in units of what the rest of the network does at the same check:
 
-    m_k^t    = median_i (1 - phi_i^t)                 the typical change per check of the units of kind k
-    s_k^t    = max_{1 <= tau <= t} m_k^tau            the largest typical change seen so far in the run
-    frozen   = |v_i^t| < eps_rel * s_k^t  and  (1 - phi_i^t) < eps_rel * s_k^t
+    m_{l,k}^t = median_{i in layer l, kind k} (1 - phi_i^t)    the typical change of layer l's units of kind k
+    s_k^t     = max_l m_{l,k}^t                               the change of the layer that moves most, now
+    frozen    = |v_i^t| < eps_rel * s_k^t  and  (1 - phi_i^t) < eps_rel * s_k^t
 
-Multiplying every (1 - phi) of a run by a constant (a smaller learning rate, LoRA) multiplies v and s by the same
-constant and leaves every decision unchanged. The running maximum makes the scale the run's peak rate of change, not
-its first one: with learning-rate warmup, or LoRA whose B matrices start at zero, outputs move faster after the
-first check than at it. The second condition keeps a unit that is still moving at a steady rate (v ~ 0 because phi
-is stationary, but 1 - phi is as large as the run's typical change) from counting as at rest.
+A unit is at rest when it moves (and accelerates) less than a fraction eps_rel of the typical unit of the
+fastest-moving layer at the same check. Multiplying every (1 - phi) of a check by a constant (a smaller learning
+rate, LoRA, a longer check interval, learning-rate decay late in a run) multiplies v and s by the same constant and
+leaves every decision unchanged. Because s is taken at the same check rather than over the run, a run whose outputs
+all slow down together (a decaying learning rate, a converged task) does not read as one at rest: what freezes is
+what moves much less than the rest of the network. The layer that defines s never has half of its units below
+eps_rel * s (its median is s), so with ``layer_threshold >= 0.5`` at least that layer and everything above it keep
+training: the rule cannot freeze a whole model. A frozen bottom prefix has 1 - phi = 0 exactly and does not lower s,
+which is a maximum. The second condition keeps a unit that moves at a steady rate (v ~ 0 because phi is stationary,
+while 1 - phi is as large as the fastest layer's) from counting as at rest. The first version of this rule took s as
+the largest median change seen so far in the run; as outputs slowed with the learning rate and the frozen prefix
+grew, every layer fell below that peak one after another and whole models froze by mid-run
+(`benchmarks/results/regimes/`).
 
 Checks are numbered t = 0 (the reference, taken before training: outputs only), 1, 2, ... A quantity that does not
 exist yet is NaN: ``phi`` exists from t = 1, ``dphi`` and ``v`` from t = 2, where ``v^1`` is taken as 0. A unit whose
@@ -78,11 +86,17 @@ def at_equilibrium(v: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def typical_change(phi: torch.Tensor) -> float:
-    """m = median over units of (1 - phi), the typical change of a check; non-finite values are ignored, NaN when no
-    unit has a finite similarity. The scale of the relative rule is the running maximum of m over checks."""
+    """m = median over units of (1 - phi), the typical change of a group of units at one check; non-finite values
+    are ignored, NaN when no unit has a finite similarity."""
     change = 1 - _float32(phi)
     change = change[torch.isfinite(change)]
     return float(change.median()) if change.numel() else float("nan")
+
+
+def relative_scale(phi_per_layer: list[torch.Tensor]) -> float:
+    """s = max over layers of the layer's typical change (median 1 - phi) at this check; NaN when no layer has one."""
+    medians = [m for m in (typical_change(p) for p in phi_per_layer) if m == m]
+    return max(medians) if medians else float("nan")
 
 
 def relative_equilibrium(v: torch.Tensor, phi: torch.Tensor, scale: float, eps_relative: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from .equilibrium import (
     cosine_from_sums,
     layer_rule,
     relative_equilibrium,
-    typical_change,
+    relative_scale,
     velocity,
 )
 from .units import UnitMap
@@ -46,7 +46,7 @@ class EquilibriumTracker:
         self.frozen = {k: torch.zeros(n, dtype=torch.bool) for k, n in self.num_units.items()}
         self.equilibrium = {k: torch.zeros(n, dtype=torch.bool) for k, n in self.num_units.items()}
         self.layers = sorted({k[0] for k in self.keys})
-        self.scale = {kind: math.nan for kind in config.unit_kinds}  # s_k of the relative rule (peak change so far)
+        self.scale = {kind: math.nan for kind in config.unit_kinds}  # s_k of the relative rule at the last check
         self.layers_frozen = 0  # bottom layers frozen whole by the layer rule
         self.history: list[dict] = []
         self.fingerprints: dict = {}  # what this state belongs to (unit map, held-out split), set by neq_hf.NEq
@@ -114,11 +114,9 @@ class EquilibriumTracker:
         return self._figures(nonfinite=nonfinite)
 
     def _update_scale(self) -> None:
-        """The scale of the relative rule: per kind, the peak typical change (median 1 - phi) seen so far."""
+        """The scale of the relative rule: per kind, the largest per-layer median change (1 - phi) at this check."""
         for kind in self.config.unit_kinds:
-            m = typical_change(torch.cat([self.phi[k] for k in self.keys if k[1] == kind]))
-            if not math.isnan(m) and not m <= self.scale[kind]:  # a NaN scale (none yet) compares False
-                self.scale[kind] = m
+            self.scale[kind] = relative_scale([self.phi[k] for k in self.keys if k[1] == kind])
 
     def _decide(self) -> None:
         """Per-unit equilibrium, then the layer rule, then the masks."""
@@ -179,6 +177,8 @@ class EquilibriumTracker:
             phis = torch.cat([self.phi[k] for k in self.keys if k[1] == kind])
             finite = phis[torch.isfinite(phis)]
             figures[f"one_minus_phi/{kind}"] = float((1 - finite).mean()) if finite.numel() else None
+            scale = self.scale.get(kind, math.nan)
+            figures[f"scale/{kind}"] = None if math.isnan(scale) else scale
         return figures
 
     # -- checkpointing ---------------------------------------------------------------------------------------
