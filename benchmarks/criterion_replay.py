@@ -22,7 +22,7 @@ from neq_hf.equilibrium import (
     cosine_from_sums,
     layer_rule,
     relative_equilibrium,
-    typical_change,
+    relative_scale,
     velocity,
 )
 
@@ -61,8 +61,7 @@ def replay(phis: list[dict], rule: str, threshold: float, tau: float, mu: float 
             v[k] = velocity(phi[k], prev_phi[k], v[k], mu)
             prev_phi[k] = phi[k]
         for kind in kinds:
-            m = typical_change(torch.cat([phi[k] for k in keys if k[1] == kind]))
-            scale[kind] = max(scale.get(kind, m), m)
+            scale[kind] = relative_scale([phi[k] for k in keys if k[1] == kind])
         for k in keys:
             if t < 2:
                 eq[k] = torch.zeros_like(phi[k], dtype=torch.bool)

@@ -78,8 +78,9 @@ def per_sample_sums(cur, prev, sample_of_row, n_samples, n_units):
 def decisions(sums_over_checks, eps, eps_relative, mu):
     """Per check t >= 2: (phi, absolute decisions, relative decisions) from the per-check cosine sums of one subset.
 
-    ``sums_over_checks[t - 1]`` is a (3, units) tensor for check t = 1..T; the relative rule's scale is the median of
-    1 - phi over all units at t = 1 (the library takes it per unit kind)."""
+    ``sums_over_checks[t - 1]`` is a (3, units) tensor for check t = 1..T; the relative rule's scale here is fixed,
+    the median of 1 - phi over all units at t = 1 (a simplification: the library takes, per unit kind and per check,
+    the largest per-layer median), which isolates the held-out noise in phi and v from the noise in the scale."""
     phi_prev = v_prev = None
     scale = math.nan
     out = []

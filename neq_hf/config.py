@@ -25,12 +25,14 @@ class NEqConfig:
 
         criterion (`str`, defaults to `"relative"`):
             `"absolute"`: the paper's rule, a unit is at equilibrium when `|v| < eps`. `"relative"`: the same rule
-            measured in units of the run's own rate of change, so that it does not depend on the learning rate, the
-            check interval or the method (full fine-tuning, LoRA): see `neq_hf.equilibrium.relative_equilibrium`.
+            measured in units of how much the fastest-moving layer changes at the same check, so that it does not
+            depend on the learning rate, its schedule, the check interval or the method (full fine-tuning, LoRA), and
+            cannot freeze the whole model: see `neq_hf.equilibrium`.
         eps (`float`, defaults to `1e-3`):
             Threshold of the `"absolute"` criterion: a unit is at equilibrium when `|v| < eps`.
         eps_relative (`float`, defaults to `0.1`):
-            Threshold of the `"relative"` criterion, a fraction of the run's initial rate of change.
+            Threshold of the `"relative"` criterion: a unit is at rest when its change and its velocity are below
+            this fraction of the typical change of the fastest-moving layer at the same check.
         mu (`float`, defaults to `0.5`):
             Momentum of the velocity: `v_t = dphi_t - mu * v_{t-1}`.
         warmup (`int`, defaults to `1`):
@@ -96,6 +98,11 @@ class NEqConfig:
         prefix_cache_megabytes (`int`, defaults to `1024`):
             Budget of the cache, in MiB of CPU RAM per process: 4 B (float32) x real tokens of the cached samples x
             hidden size. Samples beyond it are recomputed at every epoch (with a warning).
+        checks_skip_frozen_prefix (`bool`, defaults to `True`):
+            Held-out checks keep the hidden states entering the lowest trainable layer for the held-out samples
+            (the same cache, restricted to the held-out split: held-out samples x real tokens x hidden size x 4 B)
+            and do not rerun the frozen prefix, whose outputs cannot change. The decisions are those of a full
+            forward. Off, or for models the cache does not support, every check runs the whole model.
 
         > Behaviour
 
@@ -111,7 +118,7 @@ class NEqConfig:
     eps: float = field(default=1e-3, metadata={"help": "Threshold of the 'absolute' rule: |v| < eps (paper: 1e-3)."})
     eps_relative: float = field(
         default=0.1,
-        metadata={"help": "Threshold of the 'relative' rule, as a fraction of the run's initial rate of change."},
+        metadata={"help": "Threshold of the 'relative' rule, as a fraction of the fastest layer's typical change."},
     )
     mu: float = field(
         default=0.5, metadata={"help": "Velocity momentum mu in v_t = dphi_t - mu * v_{t-1} (0 <= mu < 1)."}
@@ -180,6 +187,10 @@ class NEqConfig:
     )
     prefix_cache_megabytes: int = field(
         default=1024, metadata={"help": "Budget of the frozen-prefix cache, in MiB of CPU RAM per process."}
+    )
+    checks_skip_frozen_prefix: bool = field(
+        default=True,
+        metadata={"help": "Held-out checks reuse the held-out samples' states above the frozen prefix (exact)."},
     )
 
     strict: bool = field(

@@ -189,6 +189,12 @@ class NEq:
                 )
             mb = self.config.prefix_cache_megabytes
             self.prefix_cache = FrozenPrefixCache(self.model, self.unit_map.layer_list, max_megabytes=mb)
+        elif self.config.checks_skip_frozen_prefix and self.config.freeze_embeddings and not self.sharded:
+            # the same cache for the held-out samples only (their states entering the lowest trainable layer)
+            mb = self.config.prefix_cache_megabytes
+            self.prefix_cache = FrozenPrefixCache(
+                self.model, self.unit_map.layer_list, max_megabytes=mb, serve_training=False
+            )
         self.check_every: Union[int, str] = self.config.check_every  # "auto" is resolved by setup()
         self.check_seconds = 0.0
         self.train_seconds = 0.0
@@ -210,7 +216,13 @@ class NEq:
         """
         self.check_every = resolve_schedule(self.config, max_steps, num_epochs)
         if self.prefix_cache is not None:  # (again after close(): a resumed run rebuilds the cache)
-            self.prefix_cache.locate(lambda: self._forward_once(next(iter(self.loader))))
+            try:
+                self.prefix_cache.locate(lambda: self._forward_once(next(iter(self.loader))))
+            except ValueError as err:
+                if self.prefix_cache.serve_training:
+                    raise
+                logger.info("NEq: held-out checks run the whole model (%s)", err)
+                self.prefix_cache = None
         self._clock = time.perf_counter()
         if self.tracker.t == 0:
             self.run_check(0, 0.0)  # the reference outputs
@@ -272,8 +284,15 @@ class NEq:
         start = time.perf_counter()
         device = self._device()
 
+        cache = self.prefix_cache
+        # the frozen prefix's outputs cannot change: the pass starts above it (the tracker keeps their last values)
+        skip = cache is not None and 0 < cache.depth < len(self.unit_map.layer_list)
+
         def run_pass(on_batch):
-            if self._pad_to is None:
+            if skip:
+                with cache.serving_eval():
+                    self.recorder.run(self.model, self.loader, device, on_batch)
+            elif self._pad_to is None:
                 self.recorder.run(self.model, self.loader, device, on_batch)
             else:
                 real, seen = len(self.loader), [0]

@@ -36,14 +36,17 @@ DistilBERT, GPT-2, Llama, Mistral, Qwen2 in transformers 5). Refused with a ``Va
 (it would re-run a layer's hooks during backward, after the cached states are gone) and models whose embeddings or
 frozen layers are reused later in the forward. Training forwards with ``inputs_embeds``, ``output_hidden_states``,
 ``output_attentions``, ``use_cache`` or an input the key does not cover are run without the cache (a warning names
-it). Evaluation (the model in eval mode) never uses the cache.
+it). Evaluation (the model in eval mode) uses the cache only inside [`FrozenPrefixCache.serving_eval`], which NEq's
+held-out checks use: in eval mode the cached states are exactly what the prefix computes. With
+``serve_training=False`` only those checks use it (the default of NEq, `NEqConfig.checks_skip_frozen_prefix`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -90,13 +93,20 @@ class FrozenPrefixCache:
         max_megabytes (`float`): budget of the cached states, in MiB.
         path (`str`, *optional*): keep the states in a memory-mapped file at this path (scratch space, overwritten)
             instead of RAM.
+        serve_training (`bool`, defaults to `True`): serve training forwards; `False` serves only forwards inside
+            [`serving_eval`].
 
     Call [`locate`] once with a function that runs one forward pass before training; the cache then follows the
     parameters' ``requires_grad`` by itself at every training forward, and [`update`] applies a change at once.
     """
 
     def __init__(
-        self, model: nn.Module, layer_list: nn.ModuleList, max_megabytes: float = 1024, path: Optional[str] = None
+        self,
+        model: nn.Module,
+        layer_list: nn.ModuleList,
+        max_megabytes: float = 1024,
+        path: Optional[str] = None,
+        serve_training: bool = True,
     ):
         if not max_megabytes > 0:
             raise ValueError(f"FrozenPrefixCache: max_megabytes={max_megabytes!r} must be > 0.")
@@ -104,6 +114,8 @@ class FrozenPrefixCache:
         self.layer_list = layer_list
         self.max_bytes = int(max_megabytes * 2**20)
         self.path = path
+        self.serve_training = serve_training
+        self._serve_eval = False
         self.depth = 0  # layers whose output is served from the cache
         self.stats = {"served": 0, "computed": 0, "extended": 0, "bypassed_batches": 0, "invalidations": 0}
         self.peak = {"samples": 0, "megabytes": 0.0}  # largest size reached (kept after close())
@@ -126,7 +138,8 @@ class FrozenPrefixCache:
         supported, and install the hooks."""
         if self._located:
             return
-        self._refuse_checkpointing()
+        if self.serve_training:
+            self._refuse_checkpointing()
         names = {id(m): n for n, m in self.model.named_modules()}
         if id(self.layer_list) not in names:
             raise ValueError("FrozenPrefixCache: layer_list is not a submodule of model.")
@@ -277,14 +290,27 @@ class FrozenPrefixCache:
             **self.stats,
         }
 
+    @contextlib.contextmanager
+    def serving_eval(self) -> Iterator[None]:
+        """Serve eval-mode forwards too while inside (the held-out checks): the prefix always runs as in eval mode,
+        so in eval mode the cached states are exactly what it computes."""
+        previous, self._serve_eval = self._serve_eval, True
+        try:
+            yield
+        finally:
+            self._serve_eval = previous
+
     # -- the training forward -------------------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
         if self._busy:
             return None
         self._plan = None
-        if not module.training:
+        if module.training:
+            if not self.serve_training:
+                return None
+            self._refuse_checkpointing()
+        elif not self._serve_eval:
             return None
-        self._refuse_checkpointing()
         depth = self.update()
         if depth == 0:
             return None
@@ -334,7 +360,7 @@ class FrozenPrefixCache:
     def _bypass(self, reason: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
-            logger.warning("NEq frozen-prefix cache: training forwards with %s run without the cache.", reason)
+            logger.warning("NEq frozen-prefix cache: forwards with %s run without the cache.", reason)
         return None
 
     def _states(self, keys: list[bytes], inputs: dict, mask: torch.Tensor, depth: int) -> torch.Tensor:

@@ -63,8 +63,16 @@ class EquilibriumTracker:
         rows_seen = [0]
 
         def on_batch(start: int, pooled: dict[Key, torch.Tensor]) -> None:
+            rows = None
             for key in self.keys:
-                cur = pooled[key]
+                cur = pooled.get(key)
+                if cur is None:
+                    # a layer of the frozen prefix that the pass skipped: its outputs are those of the last check
+                    if first or not bool(self.frozen[key].all()):
+                        raise ValueError(f"The NEq held-out pass gave no outputs for layer {key[0]} ({key[1]}).")
+                    if rows is None:
+                        rows = next(v.shape[0] for v in pooled.values())
+                    cur = self.reference[key][start : start + rows]
                 end = start + cur.shape[0]
                 rows_seen[0] = max(rows_seen[0], end)
                 if first and not preallocate:
@@ -127,6 +135,10 @@ class EquilibriumTracker:
                 eq = torch.zeros(self.num_units[key], dtype=torch.bool)
             elif cfg.criterion == "absolute":
                 eq = at_equilibrium(self.v[key], cfg.eps)
+            elif not self.scale[key[1]] > 0:
+                # nothing measurably moved at this check (or no similarity exists): no new information, keep the
+                # previous decisions rather than reading "no scale" as "nothing at rest"
+                eq = self.equilibrium[key]
             else:
                 eq = relative_equilibrium(self.v[key], self.phi[key], self.scale[key[1]], cfg.eps_relative)
             self.equilibrium[key] = eq

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_classifier
 
 from neq_hf import NEqConfig
-from neq_hf.equilibrium import layer_rule, relative_equilibrium, typical_change, velocity
+from neq_hf.equilibrium import layer_rule, relative_equilibrium, relative_scale, typical_change, velocity
 from neq_hf.tracker import EquilibriumTracker
 from neq_hf.units import discover_units
 
@@ -22,16 +22,47 @@ def test_typical_change_is_the_median_change_ignoring_non_finite():
     assert math.isnan(typical_change(torch.tensor([float("nan")])))
 
 
-def test_scale_is_the_running_peak_of_the_typical_change():
+def test_relative_scale_by_hand():
+    # layer medians of 1 - phi: 0.1, 0.01 (NaN ignored), none -> s = 0.1
+    layers = [torch.tensor([0.9, 0.95, 0.5]), torch.tensor([0.99, float("nan"), 0.98]), torch.tensor([float("nan")])]
+    assert relative_scale(layers) == pytest.approx(0.1)
+    assert math.isnan(relative_scale([torch.tensor([float("nan")])]))
+
+
+def test_scale_is_the_fastest_layer_now_not_a_running_peak():
     unit_map = discover_units(tiny_classifier("bert"))
     tracker = EquilibriumTracker(unit_map, NEqConfig(criterion="relative"))
-    for m, expected in ((0.01, 0.01), (0.04, 0.04), (0.02, 0.04), (float("nan"), 0.04)):
-        for k in tracker.keys:
-            tracker.phi[k] = torch.full((tracker.num_units[k],), 1 - m)
+    assert len(tracker.layers) >= 2
+    for m in (0.01, 0.04, 0.002):
+        for layer, kind in tracker.keys:
+            # layer l's units change by m * (l + 1): the top layer moves most
+            tracker.phi[(layer, kind)] = torch.full((tracker.num_units[(layer, kind)],), 1 - m * (layer + 1))
         tracker._update_scale()
-        assert tracker.scale["heads"] == pytest.approx(expected) and tracker.scale["neurons"] == pytest.approx(
-            expected
-        )
+        top = m * (max(tracker.layers) + 1)
+        assert tracker.scale["heads"] == pytest.approx(top, rel=1e-4)
+        assert tracker.scale["neurons"] == pytest.approx(top, rel=1e-4)
+
+
+def test_relative_rule_never_freezes_the_fastest_layer_whole():
+    """However little the whole network moves, the layer that moves most keeps training (and so the layers above)."""
+    unit_map = discover_units(tiny_classifier("bert"))
+    cfg = NEqConfig(criterion="relative", eps_relative=0.5, layer_threshold=0.5)
+    tracker = EquilibriumTracker(unit_map, cfg)
+    top = max(tracker.layers)
+    g = torch.Generator().manual_seed(0)
+    for t in range(1, 7):
+        tracker.t = t
+        for layer, kind in tracker.keys:
+            n = tracker.num_units[(layer, kind)]
+            # every layer slows down 3x per check; the bottom layers move 100x less than the top one
+            change = 1e-2 / 3**t * (1e-2 if layer < top else 1.0) * (0.5 + torch.rand(n, generator=g))
+            phi = 1 - change
+            tracker.v[(layer, kind)] = velocity(phi, tracker.phi[(layer, kind)], tracker.v[(layer, kind)], cfg.mu)
+            tracker.phi[(layer, kind)] = phi
+        tracker._update_scale()
+        tracker._decide()
+    assert tracker.layers_frozen == top  # every layer below the fastest one, not the fastest one
+    assert not tracker.frozen[(top, "heads")].all() and not tracker.frozen[(top, "neurons")].all()
 
 
 def test_relative_rule_by_hand():
@@ -54,7 +85,7 @@ def test_layer_rule_is_bottom_up():
 
 
 class _Outputs:
-    """Feeds a tracker synthetic held-out outputs: units drift by ``scale * step_size(t)`` per check."""
+    """Feeds a tracker synthetic held-out outputs: units drift by ``scale * 10^layer * step_size(t)`` per check."""
 
     def __init__(self, tracker: EquilibriumTracker, samples: int = 6, seed: int = 0):
         self.tracker = tracker
@@ -69,8 +100,10 @@ class _Outputs:
             pooled = {}
             for k in self.tracker.keys:
                 # per unit, a drift that decays at a unit-specific rate
+                # and layer l moves 10^l times as much as layer 0, as upper layers do in fine-tuning
                 decay = self.rates[k] ** t
-                pooled[k] = self.base[k] + scale * self.dirs[k] * (1 - decay) + scale * 0.01 * t * self.dirs[k]
+                size = scale * 10 ** k[0]
+                pooled[k] = self.base[k] + size * self.dirs[k] * (1 - decay) + size * 0.01 * t * self.dirs[k]
             on_batch(0, pooled)
 
         return self.tracker.check(run_pass)

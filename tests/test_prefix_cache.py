@@ -410,3 +410,44 @@ def test_trainer_run_with_cache_resumes_like_an_uninterrupted_run(tmp_path, scri
         torch.testing.assert_close(params[n], p, rtol=1e-5, atol=1e-6, msg=n)
     # hooks and patches are gone after training: a plain forward again
     assert not any("forward" in m.__dict__ for m in full.model.modules())
+
+
+# -- held-out checks above the frozen prefix ------------------------------------------------------------------------
+def _checked_run(tmp_path, name, skip):
+    from conftest import training_args
+
+    from neq_hf import NEqTrainer
+
+    trainer = NEqTrainer(
+        model=build("bert", layers=3, seed=3)[0],
+        args=training_args(tmp_path / name, max_steps=16, learning_rate=3e-3, seed=1),
+        train_dataset=token_dataset(96),
+        data_collator=pad_collator,
+        neq_config=NEqConfig(check_every=2, holdout_size=16, checks_skip_frozen_prefix=skip),
+    )
+    engine_calls = Entry(trainer.model.get_input_embeddings(), output=True)
+    trainer.train()
+    engine_calls.h.remove()
+    return trainer, engine_calls.calls
+
+
+def test_checks_skip_the_frozen_prefix_with_the_same_decisions(tmp_path, scripted_freezing):
+    plain, plain_calls = _checked_run(tmp_path, "plain", skip=False)
+    skipped, skipped_calls = _checked_run(tmp_path, "skipped", skip=True)
+    engine = skipped.neq_callback.engine
+    assert plain.neq_callback.engine.prefix_cache is None
+    assert engine.prefix_cache is not None and not engine.prefix_cache.serve_training
+    assert engine.prefix_cache.stats["served"] > 0  # checks after the prefix froze started above it
+    assert skipped_calls < plain_calls  # the embeddings ran less often (training forwards still run them)
+    a, b = plain.neq_callback.engine.tracker, engine.tracker
+    for key in a.keys:
+        torch.testing.assert_close(b.phi[key], a.phi[key], rtol=0, atol=1e-6, equal_nan=True, msg=str(key))
+        torch.testing.assert_close(b.v[key], a.v[key], rtol=0, atol=1e-6, equal_nan=True, msg=str(key))
+        assert torch.equal(b.frozen[key], a.frozen[key])
+    for ra, rb in zip(a.history, b.history):
+        for kind in ("heads", "neurons"):
+            assert rb[f"one_minus_phi/{kind}"] == pytest.approx(ra[f"one_minus_phi/{kind}"], abs=1e-6)
+    params = dict(skipped.model.named_parameters())
+    for n, p in plain.model.named_parameters():  # training forwards are untouched: the same run
+        assert torch.equal(params[n], p), n
+    assert not any("forward" in m.__dict__ for m in skipped.model.modules())  # patches removed after training
