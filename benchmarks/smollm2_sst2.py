@@ -75,7 +75,7 @@ class Args:
         default=1000, metadata={"help": "Training sentences, sampled from train.tsv with the seed."}
     )
     dev_size: int = field(default=400, metadata={"help": "Dev sentences (the first ones of dev.tsv; 872 = all)."})
-    holdout_size: int = field(default=32, metadata={"help": "Held-out sentences NEq watches (removed from training)."})
+    holdout_size: int = field(default=64, metadata={"help": "Held-out sentences NEq watches (removed from training)."})
     max_length: int = field(default=64, metadata={"help": "Truncation length in tokens."})
     batch_size: int = field(default=16, metadata={"help": "Training batch size."})
     epochs: float = field(default=1.0, metadata={"help": "Epochs over the training sentences."})
@@ -86,7 +86,9 @@ class Args:
     extra_eps: float = field(
         default=0.0, metadata={"help": "eps of a second NEq+LoRA run with the paper's absolute rule; 0 skips it."}
     )
-    check_every: int = field(default=8, metadata={"help": "NEq held-out check every this many steps."})
+    check_every: str = field(
+        default="auto", metadata={"help": "NEq held-out check schedule: 'auto' (20 checks) or every this many steps."}
+    )
     timing_repeats: int = field(
         default=8, metadata={"help": "Interleaved steps per setting when timing NEq's final masks against LoRA."}
     )
@@ -273,7 +275,7 @@ def main(argv=None) -> dict:
     runs = [run("lora", args, path, tokenizer, train, held, dev, None)]
     runs.append(run("neq_lora", args, path, tokenizer, train, held, dev, NEqConfig(check_every=args.check_every)))
     if args.extra_eps:
-        paper = NEqConfig(criterion="absolute", eps=args.extra_eps, check_every=args.check_every)
+        paper = NEqConfig(criterion="absolute", eps=args.extra_eps, layer_threshold=1.0, check_every=args.check_every)
         runs.append(run(f"neq_lora_abs{args.extra_eps:g}", args, path, tokenizer, train, held, dev, paper))
     base = runs[0]
     for r in runs:

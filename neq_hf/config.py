@@ -42,9 +42,12 @@ class NEqConfig:
             Keep a unit frozen for good once frozen. By default every check re-decides, so a frozen unit whose
             output starts moving again is released.
 
-        layer_threshold (`float`, defaults to `0.5`):
+        layer_threshold (`float`, defaults to `0.9`):
             Structured freezing: a whole layer freezes when at least this fraction of its units is at equilibrium and
-            every layer below it is frozen (so backward stops at it). `1.0` is per-unit freezing only.
+            every layer below it is frozen (so backward stops at it). `1.0` is per-unit freezing only. Lower values
+            freeze sooner and save more, at a risk to accuracy in short runs (`0.5` lost 10 points of SST-2 accuracy
+            in a one-epoch run where `0.9` lost as much as freezing the bottom two layers from the start: README,
+            "Does the default hold in every regime?").
 
         > Held-out split and schedule
 
@@ -130,7 +133,7 @@ class NEqConfig:
         default=False, metadata={"help": "Keep frozen units frozen for good instead of re-deciding at every check."}
     )
     layer_threshold: float = field(
-        default=0.5,
+        default=0.9,
         metadata={
             "help": "Freeze a whole layer when at least this fraction of its units is at equilibrium and every layer "
             "below is frozen (1.0: per-unit freezing only)."
