@@ -4,7 +4,8 @@ Regimes (MiniLM on GLUE through `benchmarks/glue_compare.py`, one results folder
 
 - full fine-tuning on SST-2 and MRPC (seeds 0 and 1) and LoRA (r 8, lr 5e-4) on SST-2 and MRPC: read from the GLUE
   grid (`--grid_dir`, made by `glue_compare.py`);
-- SST-2 full fine-tuning at learning rate x0.5 and x2, and at run length x0.5 and x2 (seed 0): run here;
+- SST-2 full fine-tuning at learning rate x0.5 and x2, and at run length x0.5 and x2 (``--seeds``, default 0): run
+  here;
 - SmolLM2-135M LoRA on the SST-2 slice: read from `benchmarks/results/smollm2_sst2.json` (made by
   `benchmarks/smollm2_sst2.py`).
 
@@ -40,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--grid_dir", default=os.path.join(RESULTS, "glue"), help="results of the GLUE grid")
     p.add_argument("--results_dir", default=os.path.join(RESULTS, "regimes"))
     p.add_argument("--variations", nargs="*", default=list(VARIATIONS), choices=list(VARIATIONS))
+    p.add_argument("--seeds", nargs="+", default=["0"], help="seeds of the SST-2 variations")
     p.add_argument("--max_seq_length", type=int, default=64)
     p.add_argument("--extra_args", default="", help="passed to glue_compare.py's --extra_args")
     p.add_argument("--smollm2", default=os.path.join(RESULTS, "smollm2_sst2.json"))
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     if not args.table_only:
         for name in args.variations:
             glue_compare.main(
-                ["--tasks", "sst2", "--seeds", "0", "--methods", "full", "neq",
+                ["--tasks", "sst2", "--seeds", *args.seeds, "--methods", "full", "neq",
                  "--max_seq_length", str(args.max_seq_length), "--results_dir", os.path.join(args.results_dir, name),
                  "--table", os.path.join(args.results_dir, f"{name}.md"), "--extra_args", args.extra_args]
                 + VARIATIONS[name]
