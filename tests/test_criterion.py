@@ -186,3 +186,29 @@ def test_layer_threshold_freezes_whole_bottom_layers():
             assert bool(mask.all())
         else:
             assert torch.equal(mask, tracker.equilibrium[(layer, _)])
+
+
+def test_a_pass_may_skip_only_layers_frozen_whole():
+    """A held-out pass that skipped the frozen prefix leaves those layers out: their last outputs stand in for them;
+    leaving out a layer that still trains is an error, not a silently unchanged layer."""
+    tracker = EquilibriumTracker(discover_units(tiny_classifier("bert")), NEqConfig())
+    feed = _Outputs(tracker)
+    feed.run(0, 1e-2)
+    feed.run(1, 1e-2)
+
+    def without_layer0(on_batch):
+        def keep(start, pooled):
+            on_batch(start, {k: v for k, v in pooled.items() if k[0] != 0})
+
+        keep(0, {k: feed.base[k] + 1e-2 * feed.dirs[k] for k in tracker.keys})
+
+    with pytest.raises(ValueError, match="no outputs for layer 0"):
+        tracker.check(without_layer0)
+    for key in tracker.keys:
+        if key[0] == 0:
+            tracker.frozen[key] = torch.ones_like(tracker.frozen[key])
+    before = {k: tracker.reference[k].clone() for k in tracker.keys if k[0] == 0}
+    tracker.check(without_layer0)
+    for k, ref in before.items():
+        assert torch.equal(tracker.reference[k], ref)  # unchanged outputs
+        assert torch.allclose(tracker.phi[k], torch.ones_like(tracker.phi[k]), atol=1e-6)  # phi = 1: did not move
