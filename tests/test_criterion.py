@@ -10,7 +10,14 @@ import torch
 from conftest import tiny_classifier
 
 from neq_hf import NEqConfig
-from neq_hf.equilibrium import layer_rule, relative_equilibrium, relative_scale, typical_change, velocity
+from neq_hf.equilibrium import (
+    at_equilibrium,
+    layer_rule,
+    relative_equilibrium,
+    relative_scale,
+    typical_change,
+    velocity,
+)
 from neq_hf.tracker import EquilibriumTracker
 from neq_hf.units import discover_units
 
@@ -212,3 +219,13 @@ def test_a_pass_may_skip_only_layers_frozen_whole():
     for k, ref in before.items():
         assert torch.equal(tracker.reference[k], ref)  # unchanged outputs
         assert torch.allclose(tracker.phi[k], torch.ones_like(tracker.phi[k]), atol=1e-6)  # phi = 1: did not move
+
+
+def test_relative_rule_is_the_absolute_rule_at_eps_relative_times_s_for_units_at_rest():
+    """Where every unit's change is below the limit, the relative rule is the paper's |v| < eps with eps = eps_rel * s."""
+    g = torch.Generator().manual_seed(0)
+    v = (torch.rand(500, generator=g) - 0.5) * 4e-3
+    phi = 1 - torch.rand(500, generator=g) * 1e-4  # 1 - phi < 1e-4 < limit
+    scale, eps_relative = 0.01, 0.1  # limit 1e-3
+    assert torch.equal(relative_equilibrium(v, phi, scale, eps_relative), at_equilibrium(v, eps_relative * scale))
+    assert 0 < int(at_equilibrium(v, 1e-3).sum()) < 500  # not vacuous
