@@ -21,6 +21,7 @@ are still written back, and off on (c) (the write-back that every partly frozen 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -37,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForSequenceClassification, HfArgumentParser, Trainer, TrainingArguments
 
 from neq_hf import Freezer, discover_units
+from neq_hf.prefix_cache import FrozenPrefixCache
 
 HERE = Path(__file__).resolve().parent
 PATTERNS = ["a_none", "b_random50", "c_random90", "d_bottom_half", "e_all"]
@@ -263,11 +265,32 @@ def held_out_check_cost(base_model, cfg: Args, seq_len: int, samples: int = 256,
         start = time.perf_counter()
         tracker.check(lambda on_batch: recorder.run(model, loader, device, on_batch))
         seconds.append(time.perf_counter() - start)
+    # The same check with the embeddings and the bottom half of the layers frozen, run whole and started above the
+    # frozen prefix (NEqConfig.checks_skip_frozen_prefix), interleaved.
+    freezer = Freezer(model, units)
+    freezer.locate_embeddings(model, lambda: model(**collate(data[:2])))
+    half = len(units.layers) // 2
+    freezer.apply({k: torch.full_like(m, k[0] >= half) for k, m in tracker.frozen.items()})
+    cache = FrozenPrefixCache(model, units.layer_list, serve_training=False)
+    cache.locate(lambda: model(**collate(data[:2])))
+    whole, skipped = [], []
+    for _ in range(4):
+        for runs, skip in ((whole, False), (skipped, True)):
+            for key in tracker.keys:  # the bottom half counts as frozen whole (the pass may leave it out)
+                tracker.frozen[key] = torch.full_like(tracker.frozen[key], key[0] < half)
+            start = time.perf_counter()
+            with cache.serving_eval() if skip else contextlib.nullcontext():
+                tracker.check(lambda on_batch: recorder.run(model, loader, device, on_batch))
+            runs.append(time.perf_counter() - start)
+    cache.close()
+    freezer.release()
     return {
         "samples": samples,
         "seq_len": seq_len,
         "check_seconds_median": statistics.median(seconds[1:]),
         "reference_megabytes": tracker.reference_bytes() / 2**20,
+        "bottom_half_frozen_check_seconds_median": statistics.median(whole[1:]),
+        "bottom_half_frozen_skipped_check_seconds_median": statistics.median(skipped[1:]),
     }
 
 
@@ -307,6 +330,14 @@ def markdown(results: dict) -> str:
             f"{check['check_seconds_median']:.2f} s ({check['check_seconds_median'] / plain:.2f} plain training steps) "
             f"and keeps {check['reference_megabytes']:.1f} MB of reference outputs."
         )
+        if "bottom_half_frozen_skipped_check_seconds_median" in check:
+            whole = check["bottom_half_frozen_check_seconds_median"]
+            skipped = check["bottom_half_frozen_skipped_check_seconds_median"]
+            lines.append(
+                f"With the embeddings and the bottom half of the layers frozen, a check that starts above the frozen "
+                f"prefix (`checks_skip_frozen_prefix`, the default) takes {skipped:.2f} s against {whole:.2f} s for "
+                f"the whole model ({skipped / whole:.2f}×, medians of 3 interleaved)."
+            )
     lines.append(
         "Plain step: "
         + ", ".join(
