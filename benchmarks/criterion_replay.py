@@ -139,7 +139,7 @@ def main():
         fig, (ax, ax_abs) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         thresholds = (0.01, 0.02, 0.05, 0.1, 0.2)
         for name in results:
-            for tau, style in ((0.5, "-"), (1.0, ":")):
+            for tau, style in ((0.5, "--"), (0.9, "-"), (1.0, ":")):
                 ys = [results[name]["settings"][f"relative {t:g} tau {tau:g}"]["average_frozen"] for t in thresholds]
                 ax.plot(thresholds, ys, style, marker="o", label=f"{name}, layer_threshold {tau:g}")
             eps = (1e-4, 1e-3, 1e-2)
