@@ -127,8 +127,7 @@ class NEqTrainerCallback(TrainerCallback):
         if state.global_step > 0:  # resuming
             folder = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             engine.load_checkpoint(folder)
-        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        engine.setup(max_steps=state.max_steps, num_epochs=num_epochs, train_batch_size=per_step)  # + reference check
+        engine.setup(max_steps=state.max_steps, num_epochs=num_epochs)  # reference check unless resumed
         return control
 
     def _cannot_act(self, reason: str) -> None:

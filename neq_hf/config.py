@@ -52,9 +52,9 @@ class NEqConfig:
         > Held-out split and schedule
 
         check_every (`str` or `int`, defaults to `"auto"`):
-            When to run the held-out check: `"auto"` (20 checks per run, so that the first decision comes at 10% of
-            it; fewer when checks would cost more than 5% of the training compute, but at least 6: see
-            `neq_hf.engine.resolve_schedule`), `"epoch"`, or a number of optimizer steps.
+            When to run the held-out check: `"auto"` (every 5% of the run's optimizer steps, i.e. 20 checks, so that
+            the velocity's scale does not depend on the length of the run and the first decision comes at 10% of
+            it), `"epoch"`, or a number of optimizer steps.
         holdout_size (`float`, defaults to `0.01`):
             Size of the held-out split carved from the training set: a fraction in (0, 1), or a number of samples
             (>= 1; `1.0` is refused as ambiguous). Ignored when a held-out dataset is given explicitly.
@@ -141,9 +141,7 @@ class NEqConfig:
     )
     check_every: str = field(
         default="auto",
-        metadata={
-            "help": "Held-out check schedule: 'auto' (20 checks, fewer to cost <= 5%), 'epoch' or a step count."
-        },
+        metadata={"help": "Held-out check schedule: 'auto' (20 checks per run), 'epoch' or a number of steps."},
     )
     holdout_size: float = field(
         default=0.01,

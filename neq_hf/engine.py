@@ -5,7 +5,7 @@ directly:
 
 ```python
 neq = NEq(model, NEqConfig(), held_out, data_collator=collator)  # model: after accelerator.prepare
-neq.setup(max_steps=num_training_steps, train_batch_size=batch_size)  # the schedule; the reference outputs
+neq.setup(max_steps=num_training_steps)  # resolves the schedule, records the reference outputs
 accelerator.register_for_checkpointing(neq)  # optional: save_state/load_state carry NEq's state
 for step, batch in enumerate(train_dataloader, start=1):
     accelerator.backward(model(**batch).loss)
@@ -42,7 +42,7 @@ from transformers.data.data_collator import default_data_collator
 from .config import NEqConfig
 from .distributed import Engine, ShardedFreezer, check_engine, detect_engine, reduce_device, reshard
 from .freezing import Freezer
-from .holdout import OutputRecorder, build_holdout_loader, count_reference_rows, model_input_names, plan_reference
+from .holdout import OutputRecorder, build_holdout_loader, model_input_names, plan_reference
 from .prefix_cache import FrozenPrefixCache
 from .tracker import EquilibriumTracker
 from .units import UnitMap, discover_units
@@ -52,12 +52,7 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "neq_state_rank{rank}.pt"
 CONFIG_NAME = "neq_config.json"
 HISTORY_NAME = "neq_history.json"
-# check_every='auto': AUTO_CHECKS checks per run (the first decision at 10% of it), fewer when they would cost more
-# than CHECK_BUDGET of the training compute (a held-out sample's forward ~ 1/3 of a training sample's forward and
-# backward), but at least AUTO_MIN_CHECKS.
-AUTO_CHECKS = 20
-AUTO_MIN_CHECKS = 6
-CHECK_BUDGET = 0.05
+AUTO_CHECKS = 20  # checks per run with check_every='auto': the first decision comes at 10% of the run
 STATE_FORMAT = 1
 # Guard rails against a collapsed run (a criterion far too loose for the regime): more than this fraction of units
 # frozen at the first decision, or more than COLLAPSE_FROZEN frozen while the training loss stays within
@@ -211,22 +206,15 @@ class NEq:
         self.warnings: list[str] = []  # every guard-rail message of this run (also in the summary)
 
     # -- setup ----------------------------------------------------------------------------------------------------
-    def setup(
-        self, max_steps: Optional[int] = None, num_epochs: Optional[int] = None, train_batch_size: Optional[int] = None
-    ) -> NEq:
+    def setup(self, max_steps: Optional[int] = None, num_epochs: Optional[int] = None) -> NEq:
         """Resolve the check schedule, start the training clock and record the reference outputs (check 0) unless
         a state was loaded. Call it before the first optimizer step, on every process.
 
         Args:
             max_steps: optimizer steps of the run (resolves `check_every="auto"`, validates the schedule).
             num_epochs: epochs of the run, when it is bounded by epochs (validates `check_every="epoch"`).
-            train_batch_size: training samples per optimizer step and process (batch size x gradient accumulation);
-                with it, `check_every="auto"` keeps the checks within their compute budget (see `resolve_schedule`).
         """
-        holdout_samples = None
-        if self.config.check_every == "auto" and train_batch_size:
-            holdout_samples = count_reference_rows(self.loader, "mean")
-        self.check_every = resolve_schedule(self.config, max_steps, num_epochs, holdout_samples, train_batch_size)
+        self.check_every = resolve_schedule(self.config, max_steps, num_epochs)
         if self.prefix_cache is not None:  # (again after close(): a resumed run rebuilds the cache)
             try:
                 self.prefix_cache.locate(lambda: self._forward_once(next(iter(self.loader))))
@@ -642,31 +630,12 @@ def _skips_step(optimizer) -> bool:
     return state is not None and not state.sync_gradients
 
 
-def resolve_schedule(
-    config: NEqConfig,
-    max_steps: Optional[int],
-    num_epochs: Optional[int],
-    holdout_samples: Optional[int] = None,
-    train_batch_size: Optional[int] = None,
-) -> Union[int, str]:
-    """The check interval of a run; raises a `ValueError` when the run is too short for a single decision.
-
-    `"auto"` is `AUTO_CHECKS` (20) checks per run. When the held-out samples and the training samples per step (both
-    per process) are known, the interval is widened so that the checks cost at most `CHECK_BUDGET` (5%) of the
-    training compute, counting a held-out sample's forward as a third of a training sample's forward and backward:
-    ``every >= holdout_samples / (3 * CHECK_BUDGET * train_batch_size)``, but never to fewer than `AUTO_MIN_CHECKS`
-    (6) checks. 2,000 SST-2 sentences, 2 epochs, batch 32, 64 held-out samples: a check every 13 steps (9 checks)
-    instead of every 6; 8,000 sentences: 20 checks."""
+def resolve_schedule(config: NEqConfig, max_steps: Optional[int], num_epochs: Optional[int]) -> Union[int, str]:
+    """The check interval of a run (`"auto"` becomes `AUTO_CHECKS` checks per run); raises a `ValueError` when the run
+    is too short for a single decision."""
     every = config.check_every
     if every == "auto":
-        if max_steps and max_steps > 0:
-            interval = max_steps / AUTO_CHECKS
-            if holdout_samples and train_batch_size:
-                budget = holdout_samples / (3 * CHECK_BUDGET * train_batch_size)
-                interval = max(interval, min(budget, max_steps / AUTO_MIN_CHECKS))
-            every = max(1, round(interval))
-        else:
-            every = "epoch"
+        every = max(1, round(max_steps / AUTO_CHECKS)) if max_steps and max_steps > 0 else "epoch"
     if every == "epoch":
         n_checks, what = num_epochs, f"num_train_epochs={num_epochs}"
     else:
