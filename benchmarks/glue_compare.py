@@ -278,7 +278,7 @@ def _every(configured, resolved) -> str:
     if "epoch" in (configured, resolved):
         return "epoch"
     steps = resolved if isinstance(resolved, int) else configured
-    return f"{steps} steps" + (" (auto: within 5% of the training compute)" if configured == "auto" else "")
+    return f"{steps} steps" + (" (auto: 5% of the run)" if configured == "auto" else "")
 
 
 def _count(n: float) -> str:
