@@ -290,8 +290,12 @@ class NEq:
 
         def run_pass(on_batch):
             if skip:
-                with cache.serving_eval():
-                    self.recorder.run(self.model, self.loader, device, on_batch)
+                self.tracker.constant_layers = cache.depth
+                try:
+                    with cache.serving_eval():
+                        self.recorder.run(self.model, self.loader, device, on_batch)
+                finally:
+                    self.tracker.constant_layers = 0
             elif self._pad_to is None:
                 self.recorder.run(self.model, self.loader, device, on_batch)
             else:

@@ -49,6 +49,9 @@ class EquilibriumTracker:
         self.scale = {kind: math.nan for kind in config.unit_kinds}  # s_k of the relative rule at the last check
         self.layers_frozen = 0  # bottom layers frozen whole by the layer rule
         self.history: list[dict] = []
+        # Bottom layers whose outputs cannot change (nothing in them or below them trains: the frozen prefix); a
+        # held-out pass may leave them out, set by the caller for the duration of a check.
+        self.constant_layers = 0
         self.fingerprints: dict = {}  # what this state belongs to (unit map, held-out split), set by neq_hf.NEq
 
     # -- one check -------------------------------------------------------------------------------------------
@@ -67,8 +70,9 @@ class EquilibriumTracker:
             for key in self.keys:
                 cur = pooled.get(key)
                 if cur is None:
-                    # a layer of the frozen prefix that the pass skipped: its outputs are those of the last check
-                    if first or not bool(self.frozen[key].all()):
+                    # a layer of the frozen prefix that the pass skipped (see `constant_layers`): its outputs are
+                    # those of the last check
+                    if first or key[0] >= self.constant_layers:
                         raise ValueError(f"The NEq held-out pass gave no outputs for layer {key[0]} ({key[1]}).")
                     if rows is None:
                         rows = next(v.shape[0] for v in pooled.values())

@@ -413,17 +413,22 @@ def test_trainer_run_with_cache_resumes_like_an_uninterrupted_run(tmp_path, scri
 
 
 # -- held-out checks above the frozen prefix ------------------------------------------------------------------------
-def _checked_run(tmp_path, name, skip):
+def _checked_run(tmp_path, name, skip, lora=False):
     from conftest import training_args
+    from peft import LoraConfig
 
     from neq_hf import NEqTrainer
 
+    # LoRA on the attention only: a layer whose heads froze has nothing left to train although its MLP neurons were
+    # never frozen, and the pass may skip it all the same (its outputs cannot change)
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS") if lora else None
     trainer = NEqTrainer(
         model=build("bert", layers=3, seed=3)[0],
         args=training_args(tmp_path / name, max_steps=16, learning_rate=3e-3, seed=1),
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
         neq_config=NEqConfig(check_every=2, holdout_size=16, checks_skip_frozen_prefix=skip),
+        peft_config=peft,
     )
     engine_calls = Entry(trainer.model.get_input_embeddings(), output=True)
     trainer.train()
@@ -431,9 +436,23 @@ def _checked_run(tmp_path, name, skip):
     return trainer, engine_calls.calls
 
 
-def test_checks_skip_the_frozen_prefix_with_the_same_decisions(tmp_path, scripted_freezing):
-    plain, plain_calls = _checked_run(tmp_path, "plain", skip=False)
-    skipped, skipped_calls = _checked_run(tmp_path, "skipped", skip=True)
+@pytest.mark.parametrize("lora", [False, True])
+def test_checks_skip_the_frozen_prefix_with_the_same_decisions(tmp_path, scripted_freezing, lora, monkeypatch):
+    if lora:  # freeze the heads only: the layers' neurons stay unfrozen
+        from neq_hf.tracker import EquilibriumTracker
+
+        scripted = EquilibriumTracker.check
+
+        def heads_only(self, *args, **kwargs):
+            figures = scripted(self, *args, **kwargs)
+            for key in self.frozen:
+                if key[1] == "neurons":
+                    self.frozen[key] = torch.zeros_like(self.frozen[key])
+            return figures
+
+        monkeypatch.setattr(EquilibriumTracker, "check", heads_only)
+    plain, plain_calls = _checked_run(tmp_path, "plain", skip=False, lora=lora)
+    skipped, skipped_calls = _checked_run(tmp_path, "skipped", skip=True, lora=lora)
     engine = skipped.neq_callback.engine
     assert plain.neq_callback.engine.prefix_cache is None
     assert engine.prefix_cache is not None and not engine.prefix_cache.serve_training
