@@ -276,12 +276,12 @@ def held_out_check_cost(base_model, cfg: Args, seq_len: int, samples: int = 256,
     whole, skipped = [], []
     for _ in range(4):
         for runs, skip in ((whole, False), (skipped, True)):
-            for key in tracker.keys:  # the bottom half counts as frozen whole (the pass may leave it out)
-                tracker.frozen[key] = torch.full_like(tracker.frozen[key], key[0] < half)
+            tracker.constant_layers = cache.update() if skip else 0  # the frozen prefix the pass may leave out
             start = time.perf_counter()
             with cache.serving_eval() if skip else contextlib.nullcontext():
                 tracker.check(lambda on_batch: recorder.run(model, loader, device, on_batch))
             runs.append(time.perf_counter() - start)
+            tracker.constant_layers = 0
     cache.close()
     freezer.release()
     return {
