@@ -74,6 +74,7 @@ class Args:
     output_dir: str = field(default=str(HERE / "results"), metadata={"help": "Where step_time.{json,md} go."})
     readme: str = field(default="", metadata={"help": "README to refresh between step-time markers."})
     table_only: bool = field(default=False, metadata={"help": "Only re-render the table from step_time.json."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (TrainingArguments.bf16; GPU)."})
 
 
 def resolve_model(name: str) -> str:
@@ -268,15 +269,17 @@ def held_out_check_cost(base_model, cfg: Args, seq_len: int, samples: int = 256,
     # The same check with the embeddings and the bottom half of the layers frozen, run whole and started above the
     # frozen prefix (NEqConfig.checks_skip_frozen_prefix), interleaved.
     freezer = Freezer(model, units)
-    freezer.locate_embeddings(model, lambda: model(**collate(data[:2])))
+    probe = {k: v.to(device) for k, v in collate(data[:2]).items()}
+    freezer.locate_embeddings(model, lambda: model(**probe))
     half = len(units.layers) // 2
     freezer.apply({k: torch.full_like(m, k[0] >= half) for k, m in tracker.frozen.items()})
     cache = FrozenPrefixCache(model, units.layer_list, serve_training=False)
-    cache.locate(lambda: model(**collate(data[:2])))
+    cache.locate(lambda: model(**probe))
     whole, skipped = [], []
     for _ in range(4):
         for runs, skip in ((whole, False), (skipped, True)):
             tracker.constant_layers = cache.update() if skip else 0  # the frozen prefix the pass may leave out
+            recorder.ignore = (lambda: cache.computing) if skip else None
             start = time.perf_counter()
             with cache.serving_eval() if skip else contextlib.nullcontext():
                 tracker.check(lambda on_batch: recorder.run(model, loader, device, on_batch))
@@ -297,7 +300,7 @@ def held_out_check_cost(base_model, cfg: Args, seq_len: int, samples: int = 256,
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
-        f"MiniLM-L6 (`{meta['model']}`), batch {meta['batch_size']}, {meta['device']}, torch {meta['torch']}, "
+        f"MiniLM-L6 (`{meta['model']}`), batch {meta['batch_size']}, {meta['device']}, {meta.get('precision', 'fp32')}, torch {meta['torch']}, "
         f"{meta['threads']} threads; median of {meta['repeats']} interleaved repetitions after {meta['warmup']} "
         "warm-up. Ratios are to the plain `Trainer` step measured in the same run; the time ratio's range is over "
         "paired repetitions; the CPU time ratio (process CPU time) is less sensitive to other load on the machine. "
@@ -376,6 +379,7 @@ def main(argv=None) -> dict:
         learning_rate=5e-5,
         weight_decay=0.01,
         use_cpu=not torch.cuda.is_available(),
+        bf16=cfg.bf16,
     )
     base.to(args.device)
     results = {
@@ -386,6 +390,7 @@ def main(argv=None) -> dict:
             "warmup": cfg.warmup,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})",
             "threads": torch.get_num_threads(),
+            "precision": "bf16 mixed" if cfg.bf16 else "fp32",
             "torch": torch.__version__,
             "optimizer": args.optim if isinstance(args.optim, str) else args.optim.value,
             "command": "python benchmarks/step_time.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -396,7 +401,8 @@ def main(argv=None) -> dict:
         results["lengths"][str(seq)] = run_length(base, args, cfg, seq)
         print(markdown({**results, "lengths": {str(seq): results["lengths"][str(seq)]}}), flush=True)
     first = int(cfg.seq_lengths.split(",")[0])
-    results["held_out_check"] = held_out_check_cost(base, cfg, first)
+    with torch.autocast(device_type=args.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        results["held_out_check"] = held_out_check_cost(base, cfg, first)
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "step_time.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -286,16 +286,20 @@ class NEq:
 
         cache = self.prefix_cache
         # the frozen prefix's outputs cannot change: the pass starts above it (the tracker keeps their last values)
-        skip = cache is not None and 0 < cache.depth < len(self.unit_map.layer_list)
+        # (the depth as of now: decisions applied since the last forward count)
+        depth = cache.update() if cache is not None else 0
+        skip = self.config.checks_skip_frozen_prefix and 0 < depth < len(self.unit_map.layer_list)
 
         def run_pass(on_batch):
             if skip:
-                self.tracker.constant_layers = cache.depth
+                self.tracker.constant_layers = depth
+                self.recorder.ignore = lambda: cache.computing
                 try:
                     with cache.serving_eval():
                         self.recorder.run(self.model, self.loader, device, on_batch)
                 finally:
                     self.tracker.constant_layers = 0
+                    self.recorder.ignore = None
             elif self._pad_to is None:
                 self.recorder.run(self.model, self.loader, device, on_batch)
             else:

@@ -211,9 +211,14 @@ class OutputRecorder:
         self.token_pooling = token_pooling
         self.mask: Optional[torch.Tensor] = None
         self.pooled: dict[tuple[int, str], torch.Tensor] = {}
+        # set while a forward nested in the held-out pass must not be read (the frozen-prefix cache computing the
+        # states of samples it does not hold yet runs the prefix layers on a subset of the batch)
+        self.ignore: Optional[Callable[[], bool]] = None
 
     def _hook(self, key):
         def hook(module, args):
+            if self.ignore is not None and self.ignore():
+                return
             x = args[0].detach().float()
             if x.dim() == 3:
                 mask = self.mask

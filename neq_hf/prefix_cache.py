@@ -261,6 +261,11 @@ class FrozenPrefixCache:
         self.depth, self._versions = depth, versions
         return depth
 
+    @property
+    def computing(self) -> bool:
+        """True during the cache's own prefix-only forwards (hooks reading layer outputs should ignore them)."""
+        return self._busy
+
     def _version_sums(self, depth: int) -> list[int]:
         groups = [self._prefix_params] + self._layer_params[:depth]
         return [sum(p._version for p in group) for group in groups] if depth else []

@@ -413,8 +413,9 @@ def test_trainer_run_with_cache_resumes_like_an_uninterrupted_run(tmp_path, scri
 
 
 # -- held-out checks above the frozen prefix ------------------------------------------------------------------------
-def _checked_run(tmp_path, name, skip, lora=False):
+def _checked_run(tmp_path, name, skip, lora=False, duplicates=False, cache_training=False):
     from conftest import training_args
+    from datasets import concatenate_datasets
     from peft import LoraConfig
 
     from neq_hf import NEqTrainer
@@ -424,10 +425,20 @@ def _checked_run(tmp_path, name, skip, lora=False):
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS") if lora else None
     trainer = NEqTrainer(
         model=build("bert", layers=3, seed=3)[0],
-        args=training_args(tmp_path / name, max_steps=16, learning_rate=3e-3, seed=1),
-        train_dataset=token_dataset(96),
+        args=training_args(
+            tmp_path / name,
+            max_steps=16,
+            learning_rate=3e-3,
+            seed=1,
+            per_device_eval_batch_size=4 if duplicates else 16,
+        ),
+        # with duplicates, held-out samples repeat (in other held-out batches, and in the training set): the cache
+        # serves a repeat that another batch already extended, so a batch's samples start from different depths
+        train_dataset=concatenate_datasets([token_dataset(24)] * 4) if duplicates else token_dataset(96),
         data_collator=pad_collator,
-        neq_config=NEqConfig(check_every=2, holdout_size=16, checks_skip_frozen_prefix=skip),
+        neq_config=NEqConfig(
+            check_every=2, holdout_size=16, checks_skip_frozen_prefix=skip, cache_frozen_prefix=cache_training
+        ),
         peft_config=peft,
     )
     engine_calls = Entry(trainer.model.get_input_embeddings(), output=True)
@@ -470,3 +481,23 @@ def test_checks_skip_the_frozen_prefix_with_the_same_decisions(tmp_path, scripte
     for n, p in plain.model.named_parameters():  # training forwards are untouched: the same run
         assert torch.equal(params[n], p), n
     assert not any("forward" in m.__dict__ for m in skipped.model.modules())  # patches removed after training
+
+
+@pytest.mark.parametrize("cache_training", [False, True])
+def test_checks_above_the_frozen_prefix_with_repeated_held_out_samples(tmp_path, scripted_freezing, cache_training):
+    """A held-out batch whose samples the cache holds at different depths (a repeat extended by an earlier batch or by
+    a training forward): the states it computes for the others must not be read as that layer's held-out outputs."""
+    plain, _ = _checked_run(tmp_path, "plain", skip=False, duplicates=True, cache_training=cache_training)
+    skipped, _ = _checked_run(tmp_path, "skipped", skip=True, duplicates=True, cache_training=cache_training)
+    cache = skipped.neq_callback.engine.prefix_cache
+    assert cache.stats["extended"] > 0 and cache.stats["served"] > 0
+    a, b = plain.neq_callback.engine.tracker, skipped.neq_callback.engine.tracker
+    assert len(b.history) == len(a.history)
+    for key in a.keys:
+        torch.testing.assert_close(b.phi[key], a.phi[key], rtol=0, atol=1e-6, equal_nan=True, msg=str(key))
+        assert torch.equal(b.frozen[key], a.frozen[key])
+    params = dict(skipped.model.named_parameters())
+    for n, p in plain.model.named_parameters():  # the same training forwards (cached states may differ in rounding)
+        torch.testing.assert_close(
+            params[n], p, rtol=0 if not cache_training else 1e-5, atol=0 if not cache_training else 1e-6, msg=n
+        )
