@@ -35,6 +35,7 @@ METHODS = (
     "full",
     "neq",
     "neq_fast",
+    "neq_layer",
     "freeze_bottom2",
     "lora",
     "neq_lora",
@@ -46,6 +47,7 @@ TABLE_ORDER = (
     "neq_paper",
     "neq",
     "neq_fast",
+    "neq_layer",
     "freeze_bottom2",
     "freeze_bottom3",
     "lora",
@@ -54,10 +56,15 @@ TABLE_ORDER = (
 # NEq settings compared with the default (`--method neq` with these NEqConfig flags); their results carry the name.
 NEQ_VARIANTS = {
     # the paper's rule: |v| < 1e-3, per-unit freezing, 10 checks per run (the grid's runs have ~122 steps)
-    "neq_paper": ["--criterion", "absolute", "--eps", "1e-3", "--layer_threshold", "1.0", "--check_every", "12"],
+    "neq_paper": [
+        "--criterion", "absolute", "--eps", "1e-3", "--layer_threshold", "1.0", "--check_every", "12",
+        "--min_loss_drop", "0",
+    ],  # fmt: skip
     # the fastest setting recommended: whole layers freeze once half of their units are at rest, and the frozen-prefix
     # cache
     "neq_fast": ["--layer_threshold", "0.5", "--cache_frozen_prefix", "true"],
+    # the default's decisions, whole layers only: no partly frozen tensor (no per-row bookkeeping)
+    "neq_layer": ["--granularity", "layer"],
 }
 BASELINE = {
     "neq": "full",
@@ -66,6 +73,7 @@ BASELINE = {
     "freeze_bottom3": "full",
     "neq_paper": "full",
     "neq_fast": "full",
+    "neq_layer": "full",
 }
 FREEZE_BOTTOM = "freeze_bottom"
 TASKS = ("sst2", "mrpc", "rte")
@@ -420,6 +428,12 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
             else f"absolute rule, eps {c['eps']:g}"
         )
         extras = ", frozen-prefix cache" if c.get("cache_frozen_prefix") else ""
+        if c.get("granularity", "unit") == "layer":
+            extras += ", whole layers only"
+        if c.get("min_loss_drop"):
+            gate = run["neq"]["summary"].get("gate_step")
+            opened = f"opened at step {gate}" if gate is not None else "never opened"
+            extras += f", no freezing before the training loss dropped by {c['min_loss_drop']:g} ({opened} in seed {run['seed']})"
         lines.append(
             f"- {method}: {rule}, mu {c['mu']:g}, layer_threshold {c.get('layer_threshold', 1.0):g}{extras}, a check "
             f"every {_every(c['check_every'], run['neq']['summary'].get('check_every'))} on "

@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 UNIT_KINDS = ("heads", "neurons")
 CRITERIA = ("relative", "absolute")
 TOKEN_POOLING = ("mean", "none")
+GRANULARITIES = ("unit", "layer")
 # The spellings HfArgumentParser accepts on the command line.
 _TRUE = ("true", "yes", "t", "y", "1")
 _FALSE = ("false", "no", "f", "n", "0")
@@ -48,6 +49,17 @@ class NEqConfig:
             freeze sooner and save more, at a risk to accuracy in short runs (`0.5` lost 10 points of SST-2 accuracy
             in a one-epoch run where `0.9` lost as much as freezing the bottom two layers from the start: README,
             "Does the default hold in every regime?").
+        granularity (`str`, defaults to `"unit"`):
+            What freezes: `"unit"`, every unit at equilibrium (and whole layers by `layer_threshold`); `"layer"`,
+            only whole layers, from the bottom up, by `layer_threshold`: no partly frozen tensor, so no per-row
+            gradient or optimizer bookkeeping, which on a GPU costs more than scattered frozen rows save
+            (`benchmarks/step_time.py`).
+        min_loss_drop (`float`, defaults to `0.1`):
+            Training-progress gate: no unit freezes before the training loss (mean over the last check interval) is
+            this fraction below its start (mean of the first steps). Outputs also stop changing on a loss plateau at
+            the start of training, where freezing would keep the model there. Once open, the gate stays open. `0`
+            disables it. `NEqTrainer` sees every step's loss; `NEqTrainerCallback` only the logged ones
+            (`logging_steps`).
 
         > Held-out split and schedule
 
@@ -137,6 +149,16 @@ class NEqConfig:
         metadata={
             "help": "Freeze a whole layer when at least this fraction of its units is at equilibrium and every layer "
             "below is frozen (1.0: per-unit freezing only)."
+        },
+    )
+    granularity: str = field(
+        default="unit",
+        metadata={"help": "What freezes: 'unit' (units at equilibrium and whole layers) or 'layer' (whole layers only)."},
+    )
+    min_loss_drop: float = field(
+        default=0.1,
+        metadata={
+            "help": "No freezing before the training loss has dropped by this fraction from its start (0: no gate)."
         },
     )
     check_every: str = field(
@@ -245,6 +267,11 @@ class NEqConfig:
         lt = self.layer_threshold
         if isinstance(lt, bool) or not isinstance(lt, (int, float)) or not 0 < lt <= 1:
             bad("layer_threshold", "expected a fraction in (0, 1] (1.0: per-unit freezing only)")
+        if self.granularity not in GRANULARITIES:
+            bad("granularity", f"expected one of {list(GRANULARITIES)}")
+        mld = self.min_loss_drop
+        if isinstance(mld, bool) or not isinstance(mld, (int, float)) or not 0 <= mld < 1:
+            bad("min_loss_drop", "expected a fraction with 0 <= min_loss_drop < 1 (0: no gate)")
         if self.token_pooling not in TOKEN_POOLING:
             bad("token_pooling", f"expected one of {list(TOKEN_POOLING)}")
         budget = self.holdout_memory_budget_mb

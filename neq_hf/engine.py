@@ -201,6 +201,9 @@ class NEq:
         self._clock: Optional[float] = None
         self._pending: dict[str, float] = {}
         self._losses: list[tuple[int, float]] = []  # (step, training loss) given to observe_loss
+        self._step_losses: list[torch.Tensor] = []  # losses given to record_step_loss since the last check
+        self._last_check_step = 0
+        self._max_steps: Optional[int] = None
         self._warned: set[str] = set()  # guard rails already fired in this run
         self._warnings: list[str] = []  # their messages, not logged yet
         self.warnings: list[str] = []  # every guard-rail message of this run (also in the summary)
@@ -215,6 +218,7 @@ class NEq:
             num_epochs: epochs of the run, when it is bounded by epochs (validates `check_every="epoch"`).
         """
         self.check_every = resolve_schedule(self.config, max_steps, num_epochs)
+        self._max_steps = max_steps
         if self.prefix_cache is not None:  # (again after close(): a resumed run rebuilds the cache)
             try:
                 self.prefix_cache.locate(lambda: self._forward_once(next(iter(self.loader))))
@@ -314,6 +318,7 @@ class NEq:
             if self.sharded:
                 reshard(self.model)
 
+        self._update_gate(global_step)
         figures = self.tracker.check(run_pass, self._all_reduce)
         self.freezer.apply(self.tracker.unit_active())
         if self.prefix_cache is not None:
@@ -343,6 +348,58 @@ class NEq:
             pending["neq/warning"] = " | ".join(self._warnings)
             self._warnings = []
         return pending
+
+    # -- training-progress gate -----------------------------------------------------------------------------------
+    def record_step_loss(self, loss: torch.Tensor) -> None:
+        """Give one training step's loss (a tensor, e.g. what ``Trainer.training_step`` returns) to the progress gate
+        (`NEqConfig.min_loss_drop`). It is read at the next check, so recording it costs no device synchronisation."""
+        if self.config.min_loss_drop and self.tracker.gate_step is None and torch.is_tensor(loss):
+            self._step_losses.append(loss.detach().float().mean())
+
+    def _interval_loss(self, global_step: int) -> Optional[float]:
+        """Mean training loss since the last check: the recorded step losses (averaged over processes), else the
+        logged ones given to [`observe_loss`]; `None` when there is none."""
+        if self._step_losses:
+            losses, self._step_losses = torch.stack(self._step_losses), []
+            flat = torch.stack([losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)])
+            flat = self._all_reduce(flat.double().cpu())
+            return float(flat[0] / flat[1])
+        logged = [v for s, v in self._losses if self._last_check_step < s <= global_step]
+        return sum(logged) / len(logged) if logged else None
+
+    def _update_gate(self, global_step: int) -> None:
+        """Hold every decision until the training loss has dropped by `min_loss_drop` from its start (the mean of the
+        first check interval); open for good from there."""
+        tracker, drop = self.tracker, self.config.min_loss_drop
+        if not drop or tracker.gate_step is not None:
+            tracker.hold = False
+            return
+        now = self._interval_loss(global_step)
+        self._last_check_step = global_step
+        tracker.hold = True
+        if now is None or not math.isfinite(now):
+            if tracker.t >= self.config.warmup + 1 and not self._losses and not self._step_losses:
+                self._warn(
+                    "gate_no_loss",
+                    "NEqConfig.min_loss_drop needs the training loss, and none has been seen yet: NEqTrainerCallback "
+                    "reads it from the Trainer's logs, so lower logging_steps (or use NEqTrainer, which sees every "
+                    "step's loss), or set min_loss_drop=0 to freeze without the gate.",
+                )
+            return
+        if tracker.loss_start is None:
+            tracker.loss_start = now
+            return
+        if now <= (1 - drop) * tracker.loss_start or tracker.loss_start <= 0:
+            tracker.gate_step, tracker.hold = global_step, False
+            return
+        if self._max_steps and global_step >= self._max_steps // 2:
+            self._warn(
+                "gate_closed",
+                f"half of the run has passed and the training loss has not dropped by NEqConfig.min_loss_drop="
+                f"{drop:g} from its start ({tracker.loss_start:.4g} -> {now:.4g}), so NEq has frozen nothing: the run "
+                "is still on its initial plateau, or the task's loss cannot drop that much. Lower min_loss_drop (0 "
+                "disables the gate) if the run is learning.",
+            )
 
     # -- guard rails ----------------------------------------------------------------------------------------------
     def observe_loss(self, global_step: int, loss: float) -> None:
@@ -585,6 +642,8 @@ class NEq:
             "check_time_fraction": self.check_seconds / train_seconds if train_seconds else None,
             "reference_megabytes": self.tracker.reference_bytes() / 2**20,
             "holdout_samples": self.holdout_size,
+            "gate_step": self.tracker.gate_step,  # NEqConfig.min_loss_drop: the step freezing was allowed from
+            "loss_start": self.tracker.loss_start,
         }
         if self.warnings:
             out["warnings"] = list(self.warnings)

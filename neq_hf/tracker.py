@@ -53,6 +53,12 @@ class EquilibriumTracker:
         # held-out pass may leave them out, set by the caller for the duration of a check.
         self.constant_layers = 0
         self.fingerprints: dict = {}  # what this state belongs to (unit map, held-out split), set by neq_hf.NEq
+        # The training-progress gate (NEqConfig.min_loss_drop), kept by the caller: while ``hold`` is set a check
+        # measures but freezes nothing; ``loss_start`` is the loss it compares with, ``gate_step`` the step at which
+        # the gate opened (None: not yet).
+        self.hold = False
+        self.loss_start: Optional[float] = None
+        self.gate_step: Optional[int] = None
 
     # -- one check -------------------------------------------------------------------------------------------
     def check(self, run_pass: Callable[[Callable], None], all_reduce: Optional[Callable] = None) -> dict:
@@ -133,7 +139,7 @@ class EquilibriumTracker:
     def _decide(self) -> None:
         """Per-unit equilibrium, then the layer rule, then the masks."""
         cfg = self.config
-        decide = self.t >= cfg.warmup + 1
+        decide = self.t >= cfg.warmup + 1 and not self.hold
         for key in self.keys:
             if not decide:
                 eq = torch.zeros(self.num_units[key], dtype=torch.bool)
@@ -157,6 +163,8 @@ class EquilibriumTracker:
             eq = self.equilibrium[key]
             if key[0] < self.layers_frozen:
                 eq = torch.ones_like(eq)
+            elif cfg.granularity == "layer":
+                eq = torch.zeros_like(eq)
             self.frozen[key] = (self.frozen[key] | eq) if cfg.pin_frozen else eq
 
     @staticmethod
@@ -183,6 +191,7 @@ class EquilibriumTracker:
             "check": self.t - 1,
             "frozen_fraction": frozen_total / max(units_total, 1),
             "layers_frozen": self.layers_frozen,
+            "held": int(self.hold),
             "nonfinite_units": nonfinite,
         }
         for kind in kinds:
@@ -208,6 +217,8 @@ class EquilibriumTracker:
             "equilibrium": [self.equilibrium[k] for k in self.keys],
             "scale": dict(self.scale),
             "layers_frozen": self.layers_frozen,
+            "loss_start": self.loss_start,
+            "gate_step": self.gate_step,
             "reference": [self.reference[k].cpu() for k in self.keys] if self.reference else None,
             "history": self.history,
             "fingerprints": self.fingerprints,
@@ -229,6 +240,7 @@ class EquilibriumTracker:
         self.equilibrium = dict(zip(keys, state.get("equilibrium", state["frozen"])))
         self.scale = {**self.scale, **state.get("scale", {})}
         self.layers_frozen = state.get("layers_frozen", 0)
+        self.loss_start, self.gate_step = state.get("loss_start"), state.get("gate_step")
         self.reference = {k: r.to(device) for k, r in zip(keys, state["reference"])} if state["reference"] else {}
         self.history = list(state["history"])
 

@@ -144,6 +144,13 @@ class NEqTrainer(Trainer):
             self.neq_callback.skip_reason = None
             self.neq_callback.close()
 
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        engine = self.neq_callback.engine
+        if engine is not None:
+            engine.record_step_loss(loss)  # every step's loss for NEqConfig.min_loss_drop (read at the next check)
+        return loss
+
     def neq_summary(self) -> dict:
         """Frozen fractions (final and average, per kind and layer) and the cost of the held-out checks."""
         return self.neq_callback.summary()

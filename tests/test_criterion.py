@@ -38,7 +38,7 @@ def test_relative_scale_by_hand():
 
 def test_scale_is_the_fastest_layer_now_not_a_running_peak():
     unit_map = discover_units(tiny_classifier("bert"))
-    tracker = EquilibriumTracker(unit_map, NEqConfig(criterion="relative"))
+    tracker = EquilibriumTracker(unit_map, NEqConfig(min_loss_drop=0, criterion="relative"))
     assert len(tracker.layers) >= 2
     for m in (0.01, 0.04, 0.002):
         for layer, kind in tracker.keys:
@@ -53,7 +53,7 @@ def test_scale_is_the_fastest_layer_now_not_a_running_peak():
 def test_relative_rule_never_freezes_the_fastest_layer_whole():
     """However little the whole network moves, the layer that moves most keeps training (and so the layers above)."""
     unit_map = discover_units(tiny_classifier("bert"))
-    cfg = NEqConfig(criterion="relative", eps_relative=0.5, layer_threshold=0.5)
+    cfg = NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.5, layer_threshold=0.5)
     tracker = EquilibriumTracker(unit_map, cfg)
     top = max(tracker.layers)
     g = torch.Generator().manual_seed(0)
@@ -131,7 +131,7 @@ def test_relative_rule_is_invariant_to_scaling_every_change():
     """phi^t = 1 - c * d^t for every unit: the decisions do not depend on c (the absolute rule's do)."""
     unit_map = discover_units(tiny_classifier("bert"))
     g = torch.Generator().manual_seed(1)
-    keys = EquilibriumTracker(unit_map, NEqConfig()).keys
+    keys = EquilibriumTracker(unit_map, NEqConfig(min_loss_drop=0)).keys
     n = {k: unit_map.layers[k[0]].num_units(k[1]) for k in keys}
     # per unit, a change per check that decays at a unit-specific rate
     d0 = {k: torch.rand(n[k], generator=g) * 0.1 for k in keys}
@@ -150,18 +150,18 @@ def test_relative_rule_is_invariant_to_scaling_every_change():
         return {k: m.clone() for k, m in tracker.frozen.items()}
 
     total = sum(n.values())
-    relative = NEqConfig(criterion="relative", eps_relative=0.5, layer_threshold=1.0)
+    relative = NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.5, layer_threshold=1.0)
     ref = decisions(relative, 1.0)
     assert 0 < sum(int(m.sum()) for m in ref.values()) < total
     for c in (0.25, 1 / 64):
         assert all(torch.equal(ref[k], decisions(relative, c)[k]) for k in keys)
-    absolute = NEqConfig(criterion="absolute", eps=1e-3, layer_threshold=1.0)
+    absolute = NEqConfig(min_loss_drop=0, criterion="absolute", eps=1e-3, layer_threshold=1.0)
     counts = [sum(int(m.sum()) for m in decisions(absolute, c).values()) for c in (1.0, 1 / 64)]
     assert counts[0] < counts[1]  # the absolute rule freezes more as the run moves less
 
 
 def test_layer_threshold_one_is_per_unit_freezing():
-    cfg = NEqConfig(criterion="relative", eps_relative=0.3, layer_threshold=1.0)
+    cfg = NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.3, layer_threshold=1.0)
     tracker = EquilibriumTracker(discover_units(tiny_classifier("bert")), cfg)
     feed = _Outputs(tracker)
     total = sum(tracker.num_units.values())
@@ -174,12 +174,14 @@ def test_layer_threshold_one_is_per_unit_freezing():
         frozen_counts.append(sum(int(m.sum()) for m in tracker.frozen.values()))
     assert 0 < frozen_counts[-1] < total  # some units at rest, not all: the comparison is not vacuous
     # the default threshold (0.5) freezes whole layers over the same outputs: more than per-unit freezing
-    _, layered = _run(NEqConfig(criterion="relative", eps_relative=0.3, layer_threshold=0.5), scale=1e-2)
+    _, layered = _run(
+        NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.3, layer_threshold=0.5), scale=1e-2
+    )
     assert sum(int(m.sum()) for m in layered[-1].values()) >= frozen_counts[-1]
 
 
 def test_layer_threshold_freezes_whole_bottom_layers():
-    cfg = NEqConfig(criterion="relative", eps_relative=0.3, layer_threshold=0.05)
+    cfg = NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.3, layer_threshold=0.05)
     tracker, masks = _run(cfg, scale=1e-2)
     fractions = [
         sum(int(tracker.equilibrium[(layer, kind)].sum()) for kind in cfg.unit_kinds)
@@ -198,7 +200,7 @@ def test_layer_threshold_freezes_whole_bottom_layers():
 def test_a_pass_may_skip_only_the_constant_prefix():
     """A held-out pass that skipped the frozen prefix leaves those layers out: their last outputs stand in for them;
     leaving out any other layer is an error, not a silently unchanged layer."""
-    tracker = EquilibriumTracker(discover_units(tiny_classifier("bert")), NEqConfig())
+    tracker = EquilibriumTracker(discover_units(tiny_classifier("bert")), NEqConfig(min_loss_drop=0))
     feed = _Outputs(tracker)
     feed.run(0, 1e-2)
     feed.run(1, 1e-2)

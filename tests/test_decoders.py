@@ -48,7 +48,9 @@ def run_with_masks(tmp_path, model, masks, collator=pad_collator, max_steps=6):
         args=training_args(tmp_path / "out", max_steps=max_steps),
         train_dataset=token_dataset(96),
         data_collator=collator,
-        neq_config=NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        neq_config=NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16
+        ),
     )
     fixed = FixedMasks(trainer, masks)
     trainer.add_callback(fixed)
@@ -191,7 +193,9 @@ def test_huge_eps_freezes_a_causal_lm_after_warmup(tmp_path, arch):
         args=training_args(tmp_path / "out", max_steps=8),
         train_dataset=token_dataset(96, with_labels=False),
         data_collator=lm_collator,
-        neq_config=NEqConfig(criterion="absolute", layer_threshold=1.0, eps=1.0, check_every=2, holdout_size=16),
+        neq_config=NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=1.0, check_every=2, holdout_size=16
+        ),
     )
     at = AtFreeze()
     trainer.add_callback(at)
@@ -214,7 +218,9 @@ def test_eps_zero_freezes_nothing(tmp_path, arch):
         args=training_args(tmp_path / "out", max_steps=6),
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
-        neq_config=NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        neq_config=NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16
+        ),
     )
     before = snapshot(model)
     trainer.train()

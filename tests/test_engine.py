@@ -100,7 +100,7 @@ def test_custom_loop_resume_with_accelerate_save_state(loop_run, tmp_path):
 # -- the engine on its own ------------------------------------------------------------------------------------------
 def engine(model, held=None, **kw) -> NEq:
     config = kw.pop("config", None) or NEqConfig(
-        criterion="absolute", layer_threshold=1.0, eps=0.15, check_every=2, holdout_batch_size=5
+        min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.15, check_every=2, holdout_batch_size=5
     )
     held = held if held is not None else token_dataset(24, seed=1234, with_labels=False)
     return NEq(model, config, held, data_collator=pad_collator, **kw)
@@ -161,7 +161,7 @@ def test_reference_is_resharded_for_another_number_of_processes():
         # Same samples in the same order; batches are padded differently, hence float32 rounding only.
         torch.testing.assert_close(single.tracker.reference[key], reference, atol=1e-5, rtol=1e-5)
 
-    with_loader = NEq(model, NEqConfig(check_every=2), holdout_dataloader=single.loader)
+    with_loader = NEq(model, NEqConfig(min_loss_drop=0, check_every=2), holdout_dataloader=single.loader)
     with pytest.raises(ValueError, match="saved by 2 process"):
         with_loader.load_state_dict(state)
 
@@ -194,20 +194,20 @@ def test_optimizer_hooks_leave_accumulation_steps_alone():
 
 
 def test_schedule_resolution():
-    assert resolve_schedule(NEqConfig(check_every="auto"), 100, None) == 5  # 20 checks per run
-    assert resolve_schedule(NEqConfig(check_every="auto"), None, 3) == "epoch"
-    assert resolve_schedule(NEqConfig(check_every=4), 16, None) == 4
+    assert resolve_schedule(NEqConfig(min_loss_drop=0, check_every="auto"), 100, None) == 5  # 20 checks per run
+    assert resolve_schedule(NEqConfig(min_loss_drop=0, check_every="auto"), None, 3) == "epoch"
+    assert resolve_schedule(NEqConfig(min_loss_drop=0, check_every=4), 16, None) == 4
     with pytest.raises(ValueError, match="check_every=50.*max_steps=60"):
-        resolve_schedule(NEqConfig(check_every=50), 60, None)
+        resolve_schedule(NEqConfig(min_loss_drop=0, check_every=50), 60, None)
     with pytest.raises(ValueError, match="num_train_epochs=1"):
-        resolve_schedule(NEqConfig(check_every="epoch"), None, 1)
+        resolve_schedule(NEqConfig(min_loss_drop=0, check_every="epoch"), None, 1)
 
 
 def test_close_releases_the_model():
     model = tiny_classifier()
-    neq = engine(model, config=NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=1)).setup(
-        max_steps=12
-    )
+    neq = engine(
+        model, config=NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=1)
+    ).setup(max_steps=12)
     for step in (1, 2):
         neq.step_end(step)
     assert neq.summary()["final_frozen_fraction"] == 1.0
@@ -220,7 +220,7 @@ def test_close_releases_the_model():
 def test_bad_input():
     model = tiny_classifier()
     with pytest.raises(ValueError, match="exactly one of holdout_dataset"):
-        NEq(model, NEqConfig())
+        NEq(model, NEqConfig(min_loss_drop=0))
     with pytest.raises(TypeError, match="NEqConfig"):
         NEq(model, {"eps": 1e-3}, token_dataset(8))
 

@@ -208,7 +208,10 @@ def test_sharded_freezer_in_one_process(one_process_group):
 
     model = sharded_classifier()
     neq = NEq(
-        model, NEqConfig(check_every=2), token_dataset(24, seed=1, with_labels=False), data_collator=pad_collator
+        model,
+        NEqConfig(min_loss_drop=0, check_every=2),
+        token_dataset(24, seed=1, with_labels=False),
+        data_collator=pad_collator,
     )
     assert neq.sharded and isinstance(neq.freezer, ShardedFreezer)
     neq.setup(max_steps=12)
@@ -240,4 +243,9 @@ def test_prefix_cache_refused_under_fsdp2(one_process_group):
     from neq_hf import NEq, NEqConfig
 
     with pytest.raises(ValueError, match="cache_frozen_prefix is not supported under FSDP2"):
-        NEq(sharded_classifier(), NEqConfig(cache_frozen_prefix=True), token_dataset(8), data_collator=pad_collator)
+        NEq(
+            sharded_classifier(),
+            NEqConfig(min_loss_drop=0, cache_frozen_prefix=True),
+            token_dataset(8),
+            data_collator=pad_collator,
+        )

@@ -77,7 +77,7 @@ def test_neq_trainer_carves_with_the_config_floor_and_cap(tmp_path):
             args=training_args(tmp_path / "out"),
             train_dataset=token_dataset(96),
             data_collator=pad_collator,
-            neq_config=NEqConfig(check_every=2, **config),
+            neq_config=NEqConfig(min_loss_drop=0, check_every=2, **config),
         )
 
     assert len(carve().neq_dataset) == 19
@@ -133,7 +133,7 @@ def _hand_phi(prev, cur, n_units):
 
 def _tracker_phi(model, dataset, pooling, batch_size, perturb):
     units = discover_units(model)
-    config = NEqConfig(token_pooling=pooling)
+    config = NEqConfig(min_loss_drop=0, token_pooling=pooling)
     tracker = EquilibriumTracker(units, config)
     recorder = OutputRecorder(units, config.unit_kinds, pooling)
     loader = build_holdout_loader(dataset, model, pad_collator, batch_size)
@@ -213,7 +213,7 @@ def test_token_pooling_none_shards_add_up_to_the_single_process_phi():
     trackers, passes = [], []
     for m, (rank, world) in zip(models, [(0, 1), (0, 2), (1, 2)]):
         units = discover_units(m)
-        config = NEqConfig(token_pooling="none")
+        config = NEqConfig(min_loss_drop=0, token_pooling="none")
         tracker = EquilibriumTracker(units, config)
         recorder = OutputRecorder(units, config.unit_kinds, "none")
         loader = build_holdout_loader(dataset, m, pad_collator, 3, rank, world)
@@ -250,7 +250,7 @@ def test_token_pooling_none_shards_add_up_to_the_single_process_phi():
 def _setup(pooling, n=13, batch_size=4, kinds=("heads", "neurons"), model_type="bert"):
     model = tiny_classifier(model_type)
     units = discover_units(model)
-    config = NEqConfig(token_pooling=pooling, unit_kinds=list(kinds))
+    config = NEqConfig(min_loss_drop=0, token_pooling=pooling, unit_kinds=list(kinds))
     dataset = token_dataset(n, seed=3, with_labels=False)
     loader = build_holdout_loader(dataset, model, pad_collator, batch_size)
     return model, units, config, dataset, loader
@@ -351,7 +351,7 @@ def _train(tmp_path, max_steps=4, **config):
         args=training_args(tmp_path / "out", max_steps=max_steps),
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
-        neq_config=NEqConfig(check_every=2, **config),
+        neq_config=NEqConfig(min_loss_drop=0, check_every=2, **config),
     )
     trainer.train()
     return trainer
@@ -385,7 +385,9 @@ def test_per_token_reference_is_not_resharded_over_another_process_count():
     from neq_hf.engine import NEq
 
     dataset = token_dataset(12, seed=3, with_labels=False)
-    neq = NEq(tiny_classifier("bert"), NEqConfig(token_pooling="none"), dataset, data_collator=pad_collator)
+    neq = NEq(
+        tiny_classifier("bert"), NEqConfig(min_loss_drop=0, token_pooling="none"), dataset, data_collator=pad_collator
+    )
     neq.setup(max_steps=10)
     state = neq.state_dict()
     assert len(state["reference_shards"]) == 1
@@ -397,5 +399,5 @@ def test_per_token_reference_is_not_resharded_over_another_process_count():
 @pytest.mark.parametrize("budget", [0, -1.0, True, "big"])
 def test_memory_budget_is_validated(budget):
     with pytest.raises(ValueError, match="holdout_memory_budget_mb"):
-        NEqConfig(holdout_memory_budget_mb=budget)
-    assert NEqConfig(holdout_memory_budget_mb=None).holdout_memory_budget_mb is None
+        NEqConfig(min_loss_drop=0, holdout_memory_budget_mb=budget)
+    assert NEqConfig(min_loss_drop=0, holdout_memory_budget_mb=None).holdout_memory_budget_mb is None

@@ -25,7 +25,9 @@ def trained(tmp_path, peft_config=None) -> NEqTrainer:
         args=training_args(tmp_path / "run", max_steps=6),
         train_dataset=token_dataset(48),
         data_collator=pad_collator,
-        neq_config=NEqConfig(criterion="absolute", layer_threshold=1.0, check_every=2, holdout_size=8, eps=0.05),
+        neq_config=NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, check_every=2, holdout_size=8, eps=0.05
+        ),
         peft_config=peft_config,
     )
     trainer.train()
@@ -100,7 +102,7 @@ def test_lora_card_keeps_peft_library_and_tags_lora(tmp_path):
 def test_update_model_card_is_idempotent_on_any_card(tmp_path):
     path = tmp_path / "README.md"
     path.write_text("---\nlicense: apache-2.0\ntags:\n- text\n---\n# My model\n\nMy own words.\n", encoding="utf-8")
-    config = NEqConfig(check_every="epoch")
+    config = NEqConfig(min_loss_drop=0, check_every="epoch")
     summary = {
         "units": {"layers": 2, "heads_per_layer": 4, "neurons_per_layer": 37},
         "checks": 3,
@@ -128,7 +130,7 @@ def test_update_model_card_is_idempotent_on_any_card(tmp_path):
 
 
 def test_section_without_checks_says_so():
-    text = render_neq_section(NEqConfig(), {"units": {}, "checks": 0})
+    text = render_neq_section(NEqConfig(min_loss_drop=0), {"units": {}, "checks": 0})
     assert "No check after the reference check ran" in text
     assert "not measured" in text
 
@@ -192,7 +194,7 @@ def test_local_paths_are_mapped_license_added_and_empty_sections_filled_or_dropp
     local = str(minilm.get_model_path())
     path.write_text(PEFT_CARD.format(path=local), encoding="utf-8")
     sections = card_sections(base_model=None, dataset="GLUE SST2", method="NEq freezing", train_samples=1000)
-    kwargs = dict(neq_config=NEqConfig(), summary={"checks": 0}, base_model=local, license="apache-2.0")
+    kwargs = dict(neq_config=NEqConfig(min_loss_drop=0), summary={"checks": 0}, base_model=local, license="apache-2.0")
     update_model_card(path, **kwargs, model_name="all-MiniLM-L6-v2-sst2-neq", sections=sections)
     first = path.read_text(encoding="utf-8")
     card = ModelCard.load(path)
@@ -210,7 +212,9 @@ def test_local_paths_are_mapped_license_added_and_empty_sections_filled_or_dropp
 def test_unknown_local_paths_are_dropped_from_tags(tmp_path):
     path = tmp_path / "README.md"
     path.write_text(PEFT_CARD.format(path=str(tmp_path / "my_model")), encoding="utf-8")
-    update_model_card(path, neq_config=NEqConfig(), summary={"checks": 0}, sections={"Model description": None})
+    update_model_card(
+        path, neq_config=NEqConfig(min_loss_drop=0), summary={"checks": 0}, sections={"Model description": None}
+    )
     card = ModelCard.load(path)
     assert card.data.base_model is None and not any(str(tmp_path) in tag for tag in card.data.tags)
     assert "## Model description" not in path.read_text(encoding="utf-8")

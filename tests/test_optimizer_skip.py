@@ -197,7 +197,9 @@ def _run(tmp_path, name, case, write_back=False, resume=None, **overrides):
         args=training_args(tmp_path / name, max_steps=12, **{**CASES[case], **overrides}),
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
-        neq_config=NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        neq_config=NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16
+        ),
     )
     counter = CountMasked(trainer)
     trainer.add_callback(counter)

@@ -330,11 +330,11 @@ def test_refuses_gradient_checkpointing():
 
 
 def test_config_fields():
-    assert NEqConfig().cache_frozen_prefix is False
+    assert NEqConfig(min_loss_drop=0).cache_frozen_prefix is False
     with pytest.raises(ValueError, match="freeze_embeddings=True"):
-        NEqConfig(cache_frozen_prefix=True, freeze_embeddings=False)
+        NEqConfig(min_loss_drop=0, cache_frozen_prefix=True, freeze_embeddings=False)
     with pytest.raises(ValueError, match="prefix_cache_megabytes"):
-        NEqConfig(prefix_cache_megabytes=0)
+        NEqConfig(min_loss_drop=0, prefix_cache_megabytes=0)
 
 
 def test_tied_embeddings_that_train_disable_the_cache(caplog):
@@ -387,7 +387,7 @@ def _cached_run(tmp_path, name, resume=None):
         ),
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
-        neq_config=NEqConfig(check_every=2, holdout_size=16, cache_frozen_prefix=True),
+        neq_config=NEqConfig(min_loss_drop=0, check_every=2, holdout_size=16, cache_frozen_prefix=True),
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, trainer.neq_callback.engine.prefix_cache
@@ -437,7 +437,11 @@ def _checked_run(tmp_path, name, skip, lora=False, duplicates=False, cache_train
         train_dataset=concatenate_datasets([token_dataset(24)] * 4) if duplicates else token_dataset(96),
         data_collator=pad_collator,
         neq_config=NEqConfig(
-            check_every=2, holdout_size=16, checks_skip_frozen_prefix=skip, cache_frozen_prefix=cache_training
+            min_loss_drop=0,
+            check_every=2,
+            holdout_size=16,
+            checks_skip_frozen_prefix=skip,
+            cache_frozen_prefix=cache_training,
         ),
         peft_config=peft,
     )

@@ -61,7 +61,7 @@ def test_interrupted_train_leaves_the_model_as_it_was(tmp_path, eps, error):
     # (patched forwards): both are in place at step 7, when the run is interrupted
     trainer = neq_trainer(
         tmp_path,
-        NEqConfig(criterion="absolute", eps=eps, check_every=2, holdout_size=16),
+        NEqConfig(min_loss_drop=0, criterion="absolute", eps=eps, check_every=2, holdout_size=16),
         tiny_classifier("bert", seed=3),
         learning_rate=3e-3,
     )
@@ -116,7 +116,7 @@ def test_interrupted_plain_trainer_run_is_undone_by_the_next_run(tmp_path):
 
     # eps=10 freezes every unit at step 4: the interrupted run leaves them without gradients
     callback = NEqTrainerCallback(
-        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=2),
+        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=2),
         neq_dataset=held,
         data_collator=pad_collator,
     )
@@ -170,7 +170,13 @@ def _run(tmp_path, name, config, resume=None, model=None):
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("saved")
-    _run(tmp, "full", NEqConfig(criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2, holdout_size=16))
+    _run(
+        tmp,
+        "full",
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2, holdout_size=16
+        ),
+    )
     return tmp / "full" / "out" / "checkpoint-6"
 
 
@@ -180,7 +186,9 @@ def saved_run(tmp_path_factory):
     ids=["seed", "larger"],
 )
 def test_resume_refuses_another_held_out_split(tmp_path, saved_run, change, named):
-    config = NEqConfig(**{"criterion": "absolute", "eps": 2e-3, "check_every": 2, "holdout_size": 16, **change})
+    config = NEqConfig(
+        min_loss_drop=0, **{"criterion": "absolute", "eps": 2e-3, "check_every": 2, "holdout_size": 16, **change}
+    )
     model = tiny_classifier("bert", seed=3)
     flags = [p.requires_grad for p in model.parameters()]
     with pytest.raises(ValueError, match="held-out split differs") as err:
@@ -190,7 +198,9 @@ def test_resume_refuses_another_held_out_split(tmp_path, saved_run, change, name
 
 
 def test_resume_with_another_eps_is_logged_and_proceeds(tmp_path, saved_run, caplog):
-    config = NEqConfig(criterion="absolute", layer_threshold=1.0, eps=3e-3, check_every=3, holdout_size=16)
+    config = NEqConfig(
+        min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=3e-3, check_every=3, holdout_size=16
+    )
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         resumed = _run(tmp_path, "resumed", config, resume=str(saved_run))
     assert "resuming with changed settings (eps 0.002 -> 0.003, check_every 2 -> 3)" in caplog.text
@@ -199,7 +209,7 @@ def test_resume_with_another_eps_is_logged_and_proceeds(tmp_path, saved_run, cap
 
 def _engine(model, config=None, held=None):
     held = held if held is not None else token_dataset(16, seed=4, with_labels=False)
-    return NEq(model, config or NEqConfig(check_every=2), held, data_collator=pad_collator)
+    return NEq(model, config or NEqConfig(min_loss_drop=0, check_every=2), held, data_collator=pad_collator)
 
 
 def test_resume_refuses_the_state_of_another_architecture(tmp_path):
@@ -244,7 +254,7 @@ def test_held_out_split_that_is_trained_on_is_reported(tmp_path, caplog):
             train_dataset=train,
             data_collator=pad_collator,
             neq_dataset=neq_dataset,
-            neq_config=NEqConfig(check_every=2),
+            neq_config=NEqConfig(min_loss_drop=0, check_every=2),
         )
 
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
@@ -258,7 +268,7 @@ def test_held_out_split_that_is_trained_on_is_reported(tmp_path, caplog):
     train, held = split_holdout(data, 16, seed=0)
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         trainer(held, train).train()
-        neq_trainer(tmp_path, NEqConfig(check_every=2, holdout_size=16), max_steps=4).train()
+        neq_trainer(tmp_path, NEqConfig(min_loss_drop=0, check_every=2, holdout_size=16), max_steps=4).train()
     assert "trained on" not in caplog.text
 
 
@@ -268,7 +278,8 @@ def test_one_callback_shared_by_two_trainers_keeps_each_run(tmp_path):
 
     train, held = split_holdout(token_dataset(96), 16, seed=0)
     callback = NEqTrainerCallback(
-        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2), neq_dataset=held
+        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2),
+        neq_dataset=held,
     )
     trainers = []
     for name, steps in (("a", 8), ("b", 12)):
@@ -318,7 +329,7 @@ def test_unsupported_model_is_named_before_the_held_out_data(tmp_path):
         train_dataset=rows,
         neq_dataset=rows.select(range(8)),
         data_collator=collate,
-        neq_config=NEqConfig(check_every=2),
+        neq_config=NEqConfig(min_loss_drop=0, check_every=2),
     )
     with pytest.raises(ValueError, match="NEq cannot find the attention heads"):
         trainer.train()
@@ -328,7 +339,9 @@ def test_unsupported_model_is_named_before_the_held_out_data(tmp_path):
 def test_collapse_scenario_is_flagged(tmp_path, caplog):
     """The paper's absolute rule at eps=0.1: nearly every unit freezes at the first decision and the loss stays at
     ln 2."""
-    trainer = neq_trainer(tmp_path, NEqConfig(criterion="absolute", eps=1e-1, check_every=2, holdout_size=16))
+    trainer = neq_trainer(
+        tmp_path, NEqConfig(min_loss_drop=0, criterion="absolute", eps=1e-1, check_every=2, holdout_size=16)
+    )
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         trainer.train()
     assert "while the training loss has not moved from its start" in caplog.text
@@ -340,7 +353,9 @@ def test_collapse_scenario_is_flagged(tmp_path, caplog):
 
 
 def test_everything_frozen_at_the_first_decision_is_flagged(tmp_path, caplog):
-    trainer = neq_trainer(tmp_path, NEqConfig(criterion="absolute", eps=10.0, check_every=2, holdout_size=16))
+    trainer = neq_trainer(
+        tmp_path, NEqConfig(min_loss_drop=0, criterion="absolute", eps=10.0, check_every=2, holdout_size=16)
+    )
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         trainer.train()
     assert trainer.neq_callback.tracker.history[2]["frozen_fraction"] == 1.0
@@ -352,9 +367,9 @@ def test_everything_frozen_at_the_first_decision_is_flagged(tmp_path, caplog):
 
 @pytest.mark.parametrize("rule", ["absolute", "default"])
 def test_healthy_run_is_not_flagged(tmp_path, caplog, rule):
-    config = NEqConfig(check_every=2, holdout_size=16)
+    config = NEqConfig(min_loss_drop=0, check_every=2, holdout_size=16)
     if rule == "absolute":
-        config = NEqConfig(criterion="absolute", eps=1e-3, check_every=2, holdout_size=16)
+        config = NEqConfig(min_loss_drop=0, criterion="absolute", eps=1e-3, check_every=2, holdout_size=16)
     trainer = neq_trainer(tmp_path, config)
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         trainer.train()
@@ -369,7 +384,8 @@ def test_flat_loss_with_most_units_frozen_is_flagged(caplog, losses, fires):
     """Custom-loop API: the loss goes with `step_end`. With the model unchanged every unit is at equilibrium (phi 1,
     velocity 0), so eps=1e-6 freezes all of them at the first decision (step 4)."""
     neq = _engine(
-        tiny_classifier("bert"), NEqConfig(criterion="absolute", layer_threshold=1.0, eps=1e-6, check_every=2)
+        tiny_classifier("bert"),
+        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=1e-6, check_every=2),
     ).setup(max_steps=12)
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         for step, loss in zip((2, 4, 6, 8), losses):

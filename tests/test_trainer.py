@@ -13,7 +13,9 @@ from neq_hf.tracker import EquilibriumTracker
 
 
 def make_trainer(tmp_path, neq=None, model=None, **arg_overrides):
-    neq = neq or NEqConfig(criterion="absolute", layer_threshold=1.0, eps=1e-3, check_every=2, holdout_size=16)
+    neq = neq or NEqConfig(
+        min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=1e-3, check_every=2, holdout_size=16
+    )
     return NEqTrainer(
         model=model or tiny_classifier("bert"),
         args=training_args(tmp_path / "out", **arg_overrides),
@@ -105,7 +107,7 @@ OPTIMIZER_CASES = {
 def test_frozen_parameters_stay_bit_identical(tmp_path, random_masks, case):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
         max_steps=14,
         **OPTIMIZER_CASES[case],
     )
@@ -121,7 +123,13 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, random_masks, case):
 
 def test_frozen_rows_exact_with_dense_weight_gradients(tmp_path, random_masks):
     neq = NEqConfig(
-        criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16, row_sparse_min_frozen=1.0
+        min_loss_drop=0,
+        criterion="absolute",
+        layer_threshold=1.0,
+        eps=0.0,
+        check_every=2,
+        holdout_size=16,
+        row_sparse_min_frozen=1.0,
     )
     trainer = make_trainer(tmp_path, neq, max_steps=10, weight_decay=0.1)
     checker = ExactnessChecker(trainer)
@@ -133,7 +141,7 @@ def test_frozen_rows_exact_with_dense_weight_gradients(tmp_path, random_masks):
 def test_sgd_momentum_optimizer_state_is_paused(tmp_path, random_masks):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
         max_steps=10,
     )
     opt = torch.optim.SGD(trainer.model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
@@ -146,7 +154,8 @@ def test_sgd_momentum_optimizer_state_is_paused(tmp_path, random_masks):
 
 def test_eps_zero_freezes_nothing(tmp_path):
     trainer = make_trainer(
-        tmp_path, NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16)
+        tmp_path,
+        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -160,7 +169,15 @@ def test_eps_zero_freezes_nothing(tmp_path):
 def test_huge_eps_freezes_everything_after_warmup(tmp_path):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, warmup=2, check_every=2, holdout_size=16),
+        NEqConfig(
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            eps=10.0,
+            warmup=2,
+            check_every=2,
+            holdout_size=16,
+        ),
     )
     snaps = {}
 
@@ -200,7 +217,7 @@ def test_event_order_and_schedule_independent_of_eval(tmp_path):
         train_dataset=token_dataset(96),
         eval_dataset=token_dataset(16, seed=1),
         data_collator=pad_collator,
-        neq_config=NEqConfig(check_every=3, holdout_size=16),
+        neq_config=NEqConfig(min_loss_drop=0, check_every=3, holdout_size=16),
     )
     trainer.add_callback(Recorder())
     trainer.train()
@@ -211,7 +228,9 @@ def test_event_order_and_schedule_independent_of_eval(tmp_path):
 
 
 def test_epoch_schedule(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(check_every="epoch", holdout_size=16), max_steps=-1, num_train_epochs=3)
+    trainer = make_trainer(
+        tmp_path, NEqConfig(min_loss_drop=0, check_every="epoch", holdout_size=16), max_steps=-1, num_train_epochs=3
+    )
     trainer.train()
     steps = [h["step"] for h in trainer.neq_callback.tracker.history]
     assert len(steps) == 4 and steps[0] == 0 and steps[-1] == trainer.state.global_step
@@ -220,7 +239,9 @@ def test_epoch_schedule(tmp_path):
 def test_figures_are_logged_and_written(tmp_path):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=4, holdout_size=16),
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=4, holdout_size=16
+        ),
         logging_steps=100,
     )
     trainer.train()
@@ -235,11 +256,11 @@ def test_figures_are_logged_and_written(tmp_path):
 
 
 def test_holdout_is_removed_from_training(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(holdout_size=10))
+    trainer = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, holdout_size=10))
     assert len(trainer.train_dataset) == 86 and len(trainer.neq_dataset) == 10
     train_ids = {tuple(x) for x in trainer.train_dataset["input_ids"]}
     assert not any(tuple(x) in train_ids for x in trainer.neq_dataset["input_ids"])
-    again = make_trainer(tmp_path, NEqConfig(holdout_size=10))
+    again = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, holdout_size=10))
     assert again.neq_dataset["input_ids"] == trainer.neq_dataset["input_ids"]
 
 
@@ -252,7 +273,9 @@ def test_plain_trainer_with_callback(tmp_path):
         data_collator=pad_collator,
     )
     callback = NEqTrainerCallback(
-        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=3, holdout_size=16),
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=3, holdout_size=16
+        ),
         neq_dataset=held,
     )
     trainer.add_callback(callback)
@@ -264,7 +287,9 @@ def test_plain_trainer_with_callback(tmp_path):
 def _resume_run(tmp_path, name, resume=None, max_steps=12):
     trainer = make_trainer(
         tmp_path / name,
-        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2, holdout_size=16),
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2, holdout_size=16
+        ),
         model=tiny_classifier("bert", seed=3),
         max_steps=max_steps,
         save_strategy="steps",
@@ -293,12 +318,12 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 # -- bad input ----------------------------------------------------------------------------------------------------
 def test_tiny_holdout_fraction_is_raised_to_the_floor(tmp_path):
     # 0.001 x 96 rounds to 0: raised to holdout_min_samples as far as 20% of train allows (empty splits: test_holdout)
-    assert len(make_trainer(tmp_path, NEqConfig(holdout_size=0.001)).neq_dataset) == 19
+    assert len(make_trainer(tmp_path, NEqConfig(min_loss_drop=0, holdout_size=0.001)).neq_dataset) == 19
 
 
 def test_holdout_larger_than_train(tmp_path):
     with pytest.raises(ValueError, match="not smaller than the training set"):
-        make_trainer(tmp_path, NEqConfig(holdout_size=500))
+        make_trainer(tmp_path, NEqConfig(min_loss_drop=0, holdout_size=500))
 
 
 def test_holdout_without_model_inputs(tmp_path):
@@ -310,7 +335,7 @@ def test_holdout_without_model_inputs(tmp_path):
         train_dataset=token_dataset(64),
         data_collator=pad_collator,
         neq_dataset=Dataset.from_list([{"text": "hello", "label": 1}] * 4),
-        neq_config=NEqConfig(check_every=2),
+        neq_config=NEqConfig(min_loss_drop=0, check_every=2),
     )
     with pytest.raises(ValueError, match="needs one of"):
         trainer.train()
@@ -318,7 +343,7 @@ def test_holdout_without_model_inputs(tmp_path):
 
 def test_check_every_larger_than_run_fails_before_training(tmp_path):
     # strict: otherwise NEq warns and the run is a plain Trainer run (tests/test_upstream_compat.py)
-    trainer = make_trainer(tmp_path, NEqConfig(check_every=50, holdout_size=16, strict=True))
+    trainer = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, check_every=50, holdout_size=16, strict=True))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with pytest.raises(ValueError, match="check_every=50"):
         trainer.train()
@@ -332,7 +357,7 @@ def test_callback_without_dataset(tmp_path):
         train_dataset=token_dataset(32),
         data_collator=pad_collator,
     )
-    trainer.add_callback(NEqTrainerCallback(NEqConfig(check_every=2)))
+    trainer.add_callback(NEqTrainerCallback(NEqConfig(min_loss_drop=0, check_every=2)))
     with pytest.raises(ValueError, match="split_holdout"):
         trainer.train()
 
@@ -346,7 +371,9 @@ def test_non_finite_outputs_are_reported_and_not_frozen(tmp_path, caplog):
     model.bert.encoder.layer[1].intermediate.dense.register_forward_hook(poison)
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=2, holdout_size=16),
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=2, holdout_size=16
+        ),
         model=model,
     )
     with caplog.at_level("WARNING"):
@@ -370,13 +397,13 @@ def test_unsupported_model(tmp_path):
             logits = self.head(self.emb(input_ids).mean(1))
             return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
-    trainer = make_trainer(tmp_path, NEqConfig(check_every=2, holdout_size=16), model=Toy())
+    trainer = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, check_every=2, holdout_size=16), model=Toy())
     with pytest.raises(ValueError, match="register_architecture"):
         trainer.train()
 
 
 def test_auto_schedule_makes_twenty_checks(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(check_every="auto", holdout_size=16), max_steps=40)
+    trainer = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, check_every="auto", holdout_size=16), max_steps=40)
     trainer.train()
     steps = [h["step"] for h in trainer.neq_callback.tracker.history]
     assert steps == list(range(0, 41, 2))  # the reference, then every 5% of the run

@@ -58,7 +58,7 @@ def test_logging_cadence_and_losses_are_the_trainers(tmp_path, model_type):
     (nothing freezes at eps=0, so training is the Trainer's), and NEq entries neither reset the loss window nor carry
     wall-clock figures."""
     train, held = split_holdout(token_dataset(96), 16, seed=0)
-    config = NEqConfig(criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2)
+    config = NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2)
     plain = trained(Trainer, tmp_path, model_type, train=train, logging_steps=4)
     neq = trained(NEqTrainer, tmp_path, model_type, config, train=train, neq_dataset=held, logging_steps=4)
     expected = [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in regular_logs(plain)]
@@ -93,7 +93,7 @@ def test_callback_events_are_the_trainers(tmp_path):
     args = dict(
         max_steps=12, logging_steps=4, eval_strategy="steps", eval_steps=5, save_strategy="steps", save_steps=6
     )
-    config = NEqConfig(criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=3)
+    config = NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=3)
     train, held = split_holdout(token_dataset(96), 16, seed=0)  # the same epochs for both
     plain, neq = (
         trained(cls, tmp_path, "bert", config, train, held, [EventRecorder], token_dataset(16, seed=1), **args)
@@ -118,7 +118,9 @@ def test_resumed_run_has_the_uninterrupted_state_and_log_history(tmp_path, model
             ),
             train_dataset=token_dataset(96),
             data_collator=pad_collator,
-            neq_config=NEqConfig(criterion="absolute", layer_threshold=1.0, eps=5e-3, check_every=2, holdout_size=16),
+            neq_config=NEqConfig(
+                min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=5e-3, check_every=2, holdout_size=16
+            ),
         )
         trainer.train(resume_from_checkpoint=resume)
         return trainer
@@ -168,14 +170,14 @@ def test_training_set_too_small_for_a_held_out_split(tmp_path, caplog):
     tiny = token_dataset(8)
     plain = trained(Trainer, tmp_path, "bert", train=tiny, max_steps=4)
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
-        neq = trained(NEqTrainer, tmp_path, "bert", NEqConfig(), train=tiny, max_steps=4)
+        neq = trained(NEqTrainer, tmp_path, "bert", NEqConfig(min_loss_drop=0), train=tiny, max_steps=4)
     (message,) = neq_off_warnings(caplog)
     assert "no room for a held-out split" in message and "training set (8 samples)" in message
     assert "strict=True" in message and len(neq.train_dataset) == 8
     assert_same_weights(plain.model, neq.model)
     assert neq.neq_summary() == {}
     with pytest.raises(ValueError, match="no room for a held-out split"):
-        make(NEqTrainer, tmp_path, "bert", NEqConfig(strict=True), train=tiny)
+        make(NEqTrainer, tmp_path, "bert", NEqConfig(min_loss_drop=0, strict=True), train=tiny)
 
 
 @pytest.mark.parametrize("model_type", MODELS)
@@ -185,7 +187,7 @@ def test_training_set_too_small_for_a_held_out_split(tmp_path, caplog):
 def test_run_too_short_for_two_checks(tmp_path, caplog, model_type, case):
     """`max_steps=1` (a common smoke test) or a single check: one warning naming what NEq needed, then exactly the
     Trainer's run, on every training sample."""
-    config = NEqConfig(check_every=case.get("check_every", "auto"), holdout_size=16)
+    config = NEqConfig(min_loss_drop=0, check_every=case.get("check_every", "auto"), holdout_size=16)
     plain = trained(Trainer, tmp_path, model_type, max_steps=case["max_steps"])
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         neq = trained(NEqTrainer, tmp_path, model_type, config, max_steps=case["max_steps"])

@@ -218,6 +218,7 @@ def main(argv=None):
         **extra,
     )
     config = NEqConfig(
+        min_loss_drop=0,
         criterion="absolute",
         layer_threshold=1.0,
         eps=args.eps,

@@ -148,6 +148,7 @@ def main(argv=None) -> dict:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     config = NEqConfig(
+        min_loss_drop=0,
         criterion="absolute",
         layer_threshold=1.0,
         eps=args.eps,

@@ -1,0 +1,188 @@
+"""The training-progress gate (NEqConfig.min_loss_drop) and whole-layer granularity (NEqConfig.granularity)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import pad_collator, tiny_classifier, token_dataset, training_args
+
+from neq_hf import NEq, NEqConfig, NEqTrainer, NEqTrainerCallback
+from neq_hf.tracker import EquilibriumTracker
+from neq_hf.units import discover_units
+
+
+def _engine(**config) -> NEq:
+    # absolute rule with a huge eps: every unit is at equilibrium, so what freezes is decided by the gate alone
+    cfg = NEqConfig(criterion="absolute", eps=1e9, layer_threshold=1.0, check_every=2, **config)
+    return NEq(tiny_classifier("bert"), cfg, token_dataset(16, with_labels=False), data_collator=pad_collator)
+
+
+def _frozen_fraction(neq: NEq) -> float:
+    masks = neq.tracker.frozen.values()
+    return sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+
+def test_gate_holds_every_decision_until_the_loss_dropped_by_min_loss_drop():
+    neq = _engine(min_loss_drop=0.2).setup(max_steps=40)
+    intervals = {2: [1.0, 1.0], 4: [0.9, 0.85], 6: [0.85, 0.82], 8: [0.7, 0.75], 10: [1.0, 1.0]}
+    seen = {}
+    for step, losses in intervals.items():
+        for loss in losses:
+            neq.record_step_loss(torch.tensor(loss))
+        record = neq.run_check(step)
+        seen[step] = (record["held"], _frozen_fraction(neq))
+    assert neq.tracker.loss_start == pytest.approx(1.0)  # the first interval's mean
+    # 0.875 and 0.835 are above 0.8 = (1 - 0.2) x 1.0: held although every unit is at equilibrium
+    assert seen[4] == (1, 0.0) and seen[6] == (1, 0.0)
+    assert seen[8] == (0, 1.0) and neq.tracker.gate_step == 8  # 0.725 <= 0.8: open
+    assert seen[10] == (0, 1.0)  # open for good, whatever the loss does next
+    state = neq.state_dict()
+    fresh = _engine(min_loss_drop=0.2)
+    fresh.load_state_dict(state)
+    assert fresh.tracker.gate_step == 8 and fresh.tracker.loss_start == pytest.approx(1.0)
+
+
+def test_gate_off_decides_at_the_first_decision_check():
+    neq = _engine(min_loss_drop=0.0).setup(max_steps=40)
+    neq.run_check(2)
+    record = neq.run_check(4)  # warmup=1: the second check decides
+    assert record["held"] == 0 and _frozen_fraction(neq) == 1.0
+
+
+def test_gate_reads_logged_losses_when_no_step_loss_is_recorded():
+    neq = _engine(min_loss_drop=0.2).setup(max_steps=40)
+    neq.observe_loss(2, 1.0)
+    neq.run_check(2)
+    neq.observe_loss(4, 0.9)
+    assert neq.run_check(4)["held"] == 1
+    neq.observe_loss(5, 0.7)
+    neq.observe_loss(6, 0.75)
+    assert neq.run_check(6)["held"] == 0 and neq.tracker.gate_step == 6
+
+
+def test_gate_warns_when_no_loss_arrives(caplog):
+    neq = _engine(min_loss_drop=0.2).setup(max_steps=40)
+    with caplog.at_level(logging.WARNING, logger="neq_hf"):
+        for step in (2, 4, 6):
+            neq.run_check(step)
+    assert _frozen_fraction(neq) == 0.0
+    assert any("min_loss_drop needs the training loss" in w for w in neq.warnings)
+
+
+def _easy_dataset(n: int):
+    """A task the tiny model learns in a few steps: the label is whether the first token is in the lower half."""
+    from conftest import VOCAB
+
+    return token_dataset(n).map(lambda row: {"labels": int(row["input_ids"][0] < VOCAB // 2)})
+
+
+def _trainer_run(tmp_path, name, learning_rate, **config):
+    trainer = NEqTrainer(
+        model=tiny_classifier("bert", seed=1),
+        args=training_args(tmp_path / name, max_steps=24, learning_rate=learning_rate, logging_steps=100),
+        train_dataset=_easy_dataset(192),
+        data_collator=pad_collator,
+        neq_config=NEqConfig(criterion="absolute", eps=1e9, check_every=2, holdout_size=16, **config),
+    )
+    trainer.train()
+    return trainer
+
+
+def test_trainer_run_on_a_plateau_freezes_nothing_and_says_so(tmp_path):
+    """No learning (learning rate 0): the loss never drops, so NEq freezes nothing although every unit is at rest,
+    and warns once half of the run has passed. The Trainer's logs are too sparse here (logging_steps=100): the gate
+    reads the loss of every step, which NEqTrainer records."""
+    plateau = _trainer_run(tmp_path, "plateau", learning_rate=0.0, min_loss_drop=0.1)
+    engine = plateau.neq_callback.engine
+    checks = [h for h in engine.tracker.history if h["check"] > 0]
+    assert checks and all(h["held"] == 1 and h["frozen_fraction"] == 0.0 for h in checks)
+    assert engine.tracker.loss_start is not None and engine.tracker.gate_step is None
+    assert any("has not dropped by NEqConfig.min_loss_drop" in w for w in engine.warnings)
+    for p in plateau.model.parameters():
+        assert p.requires_grad
+
+
+def test_trainer_run_that_learns_opens_the_gate(tmp_path):
+    learning = _trainer_run(tmp_path, "learning", learning_rate=1e-2, min_loss_drop=0.1)
+    tracker = learning.neq_callback.engine.tracker
+    assert tracker.gate_step is not None
+    checks = [h for h in tracker.history if h["check"] > 0]
+    assert all(h["frozen_fraction"] == 0.0 for h in checks if h["step"] < tracker.gate_step)
+    assert any(h["frozen_fraction"] > 0 for h in checks if h["step"] >= tracker.gate_step)
+
+
+def test_callback_with_sparse_logs_warns_that_the_gate_sees_no_loss(tmp_path):
+    from transformers import Trainer
+
+    model = tiny_classifier("bert", seed=1)
+    callback = NEqTrainerCallback(
+        NEqConfig(criterion="absolute", eps=1e9, check_every=2), token_dataset(16, seed=5, with_labels=False)
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path / "cb", max_steps=12, logging_steps=100),
+        train_dataset=token_dataset(96),
+        data_collator=pad_collator,
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert all(h["frozen_fraction"] == 0.0 for h in callback.engine.tracker.history)
+    assert any("NEqTrainerCallback reads it from the Trainer's logs" in w for w in callback.engine.warnings)
+
+
+# -- granularity="layer" --------------------------------------------------------------------------------------------
+def test_layer_granularity_freezes_whole_bottom_layers_only():
+    unit_map = discover_units(tiny_classifier("bert"))
+    results = {}
+    for granularity in ("unit", "layer"):
+        cfg = NEqConfig(min_loss_drop=0, layer_threshold=0.5, granularity=granularity)
+        tracker = EquilibriumTracker(unit_map, cfg)
+        tracker.t = cfg.warmup + 1
+        tracker.scale = {kind: 1.0 for kind in cfg.unit_kinds}
+        for (layer, kind), n in tracker.num_units.items():
+            # layer 0: 75% of its units at rest (whole-layer freeze at 0.5); layer 1: 25% (no whole-layer freeze)
+            at_rest = torch.arange(n) < (3 * n // 4 if layer == 0 else n // 4)
+            tracker.phi[(layer, kind)] = torch.where(at_rest, 1.0, 0.0)
+            tracker.v[(layer, kind)] = torch.where(at_rest, 0.0, 1.0)
+        tracker._decide()
+        results[granularity] = {k: m.clone() for k, m in tracker.frozen.items()}
+        assert tracker.layers_frozen == 1
+    for (layer, kind), mask in results["layer"].items():
+        assert bool(mask.all()) if layer == 0 else not bool(mask.any())
+    # with units, the 25% at rest in layer 1 freeze too: the comparison is not vacuous
+    assert all(results["unit"][(1, kind)].any() for kind in ("heads", "neurons"))
+
+
+def test_layer_granularity_leaves_no_partly_frozen_tensor(tmp_path):
+    trainer = NEqTrainer(
+        model=tiny_classifier("bert", seed=1),
+        args=training_args(tmp_path / "layer", max_steps=16, learning_rate=3e-3),
+        train_dataset=token_dataset(192),
+        data_collator=pad_collator,
+        neq_config=NEqConfig(
+            min_loss_drop=0, granularity="layer", criterion="absolute", eps=1e9, check_every=2, holdout_size=16
+        ),
+    )
+    frozen_partials = []
+    original = trainer.neq_callback.__class__.on_step_end
+
+    def watch(self, args, state, control, model=None, **kwargs):
+        out = original(self, args, state, control, model=model, **kwargs)
+        if self.engine is not None:
+            frozen_partials.append(len(self.engine.freezer._partials))
+        return out
+
+    trainer.neq_callback.on_step_end = watch.__get__(trainer.neq_callback)
+    trainer.train()
+    summary = trainer.neq_summary()
+    assert summary["final_frozen_fraction"] > 0  # whole layers froze
+    assert frozen_partials and max(frozen_partials) == 0
+
+
+def test_config_validates_the_new_fields():
+    for field, value in (("granularity", "neuron"), ("min_loss_drop", 1.0), ("min_loss_drop", -0.1)):
+        with pytest.raises(ValueError, match=f"NEqConfig.{field}="):
+            NEqConfig(**{field: value})
+    assert NEqConfig().min_loss_drop == 0.1 and NEqConfig().granularity == "unit"
