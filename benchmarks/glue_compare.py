@@ -57,8 +57,16 @@ TABLE_ORDER = (
 NEQ_VARIANTS = {
     # the paper's rule: |v| < 1e-3, per-unit freezing, 10 checks per run (the grid's runs have ~122 steps)
     "neq_paper": [
-        "--criterion", "absolute", "--eps", "1e-3", "--layer_threshold", "1.0", "--check_every", "12",
-        "--min_loss_drop", "0",
+        "--criterion",
+        "absolute",
+        "--eps",
+        "1e-3",
+        "--layer_threshold",
+        "1.0",
+        "--check_every",
+        "12",
+        "--min_loss_drop",
+        "0",
     ],  # fmt: skip
     # the fastest setting recommended: whole layers freeze once half of their units are at rest, and the frozen-prefix
     # cache

@@ -153,7 +153,9 @@ class NEqConfig:
     )
     granularity: str = field(
         default="unit",
-        metadata={"help": "What freezes: 'unit' (units at equilibrium and whole layers) or 'layer' (whole layers only)."},
+        metadata={
+            "help": "What freezes: 'unit' (units at equilibrium and whole layers) or 'layer' (whole layers only)."
+        },
     )
     min_loss_drop: float = field(
         default=0.1,

@@ -149,7 +149,7 @@ def test_layer_granularity_freezes_whole_bottom_layers_only():
         tracker._decide()
         results[granularity] = {k: m.clone() for k, m in tracker.frozen.items()}
         assert tracker.layers_frozen == 1
-    for (layer, kind), mask in results["layer"].items():
+    for (layer, _kind), mask in results["layer"].items():
         assert bool(mask.all()) if layer == 0 else not bool(mask.any())
     # with units, the 25% at rest in layer 1 freeze too: the comparison is not vacuous
     assert all(results["unit"][(1, kind)].any() for kind in ("heads", "neurons"))
