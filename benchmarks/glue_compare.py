@@ -36,6 +36,7 @@ METHODS = (
     "neq",
     "neq_fast",
     "neq_layer",
+    "neq_control",
     "freeze_bottom2",
     "lora",
     "neq_lora",
@@ -48,6 +49,7 @@ TABLE_ORDER = (
     "neq",
     "neq_fast",
     "neq_layer",
+    "neq_control",
     "freeze_bottom2",
     "freeze_bottom3",
     "lora",
@@ -73,6 +75,9 @@ NEQ_VARIANTS = {
     "neq_fast": ["--layer_threshold", "0.5", "--cache_frozen_prefix", "true"],
     # the default's decisions, whole layers only: no partly frozen tensor (no per-row bookkeeping)
     "neq_layer": ["--granularity", "layer"],
+    # a control: NEq's data pipeline (the held-out split carved out of training, the checks) with nothing ever at
+    # rest, so nothing freezes; what a NEq run differs by from full fine-tuning besides freezing
+    "neq_control": ["--eps_relative", "0"],
 }
 BASELINE = {
     "neq": "full",
@@ -82,6 +87,7 @@ BASELINE = {
     "neq_paper": "full",
     "neq_fast": "full",
     "neq_layer": "full",
+    "neq_control": "full",
 }
 FREEZE_BOTTOM = "freeze_bottom"
 TASKS = ("sst2", "mrpc", "rte")

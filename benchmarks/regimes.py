@@ -90,8 +90,9 @@ def render(args) -> str:
                 lines.append("| " + " | ".join(row) + " |")
     for name in VARIATIONS:
         runs = _load(os.path.join(args.results_dir, name))
-        # freeze_bottom2 runs, where present, show what a fixed freeze costs in the same regime
-        for method in ("neq", "freeze_bottom2"):
+        # where present: neq_control (NEq's held-out carve and checks, nothing frozen: the spread that is not
+        # freezing's) and freeze_bottom2 (what a fixed freeze costs in the same regime)
+        for method in ("neq", "neq_control", "freeze_bottom2"):
             row = _row(f"MiniLM SST-2, full, {name.replace('_x', ' ×')}", runs, "full", method)
             if row:
                 lines.append("| " + " | ".join(row) + " |")

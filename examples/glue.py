@@ -443,6 +443,14 @@ def format_summary(results: dict, paths: dict[str, str]) -> str:
             )
         else:
             lines.append("  frozen units: none (no check after the reference check)")
+        drop = neq["config"].get("min_loss_drop")
+        if drop:
+            gate = summary.get("gate_step")
+            lines.append(
+                f"  progress gate: freezing allowed from step {gate} (training loss {drop:.0%} below its start)"
+                if gate is not None
+                else f"  progress gate: never opened (the training loss did not drop {drop:.0%} below its start)"
+            )
         fraction = summary.get("check_time_fraction")
         lines.append(
             f"  check overhead: {summary.get('checks', 0)} checks on {results['holdout_samples']} held-out samples, "

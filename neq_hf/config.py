@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 UNIT_KINDS = ("heads", "neurons")
 CRITERIA = ("relative", "absolute")
 TOKEN_POOLING = ("mean", "none")
-GRANULARITIES = ("unit", "layer")
+GRANULARITIES = ("auto", "unit", "layer")
 # The spellings HfArgumentParser accepts on the command line.
 _TRUE = ("true", "yes", "t", "y", "1")
 _FALSE = ("false", "no", "f", "n", "0")
@@ -49,11 +49,12 @@ class NEqConfig:
             freeze sooner and save more, at a risk to accuracy in short runs (`0.5` lost 10 points of SST-2 accuracy
             in a one-epoch run where `0.9` lost as much as freezing the bottom two layers from the start: README,
             "Does the default hold in every regime?").
-        granularity (`str`, defaults to `"unit"`):
+        granularity (`str`, defaults to `"auto"`):
             What freezes: `"unit"`, every unit at equilibrium (and whole layers by `layer_threshold`); `"layer"`,
             only whole layers, from the bottom up, by `layer_threshold`: no partly frozen tensor, so no per-row
-            gradient or optimizer bookkeeping, which on a GPU costs more than scattered frozen rows save
-            (`benchmarks/step_time.py`).
+            gradient or optimizer bookkeeping. `"auto"`: `"layer"` when the model is on a CUDA device, where that
+            bookkeeping costs more than scattered frozen rows save (MiniLM on an H200: 1.7-2.1x a plain step with
+            50-90% of rows frozen, `benchmarks/results/gpu_h200/`), else `"unit"`.
         min_loss_drop (`float`, defaults to `0.1`):
             Training-progress gate: no unit freezes before the training loss (mean over the last check interval) is
             this fraction below its start (mean of the first steps). Outputs also stop changing on a loss plateau at
@@ -152,9 +153,10 @@ class NEqConfig:
         },
     )
     granularity: str = field(
-        default="unit",
+        default="auto",
         metadata={
-            "help": "What freezes: 'unit' (units at equilibrium and whole layers) or 'layer' (whole layers only)."
+            "help": "What freezes: 'unit' (units at equilibrium and whole layers), 'layer' (whole layers only) or "
+            "'auto' (layer on CUDA, else unit)."
         },
     )
     min_loss_drop: float = field(

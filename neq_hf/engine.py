@@ -157,6 +157,7 @@ class NEq:
             row_sparse_min_frozen=self.config.row_sparse_min_frozen,
         )
         self.tracker = EquilibriumTracker(self.unit_map, self.config)
+        self._resolve_granularity()
         # What the saved state belongs to, checked on resume (see `_check_resume`).
         self.tracker.fingerprints = {
             "units": unit_fingerprint(self.unit_map, self.config.unit_kinds),
@@ -218,6 +219,7 @@ class NEq:
             num_epochs: epochs of the run, when it is bounded by epochs (validates `check_every="epoch"`).
         """
         self.check_every = resolve_schedule(self.config, max_steps, num_epochs)
+        self._resolve_granularity()  # the model may have moved since NEq was built
         self._max_steps = max_steps
         if self.prefix_cache is not None:  # (again after close(): a resumed run rebuilds the cache)
             try:
@@ -231,6 +233,11 @@ class NEq:
         if self.tracker.t == 0:
             self.run_check(0, 0.0)  # the reference outputs
         return self
+
+    def _resolve_granularity(self) -> None:
+        if self.config.granularity == "auto":
+            # on a GPU the per-row bookkeeping of partly frozen tensors costs more than it saves (step_time.py)
+            self.tracker.granularity = "layer" if self._device().type == "cuda" else "unit"
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -642,6 +649,7 @@ class NEq:
             "check_time_fraction": self.check_seconds / train_seconds if train_seconds else None,
             "reference_megabytes": self.tracker.reference_bytes() / 2**20,
             "holdout_samples": self.holdout_size,
+            "granularity": self.tracker.granularity,
             "gate_step": self.tracker.gate_step,  # NEqConfig.min_loss_drop: the step freezing was allowed from
             "loss_start": self.tracker.loss_start,
         }

@@ -246,6 +246,13 @@ def render_neq_section(
             f"- Held-out checks: {summary['checks']} after the reference check, "
             f"{summary.get('check_seconds', 0.0):.1f} s in total{share}."
         )
+    if summary.get("loss_start") is not None:
+        gate = summary.get("gate_step")
+        cost.append(
+            f"- Progress gate (`min_loss_drop`): freezing allowed from step {gate}."
+            if gate is not None
+            else "- Progress gate (`min_loss_drop`): the training loss never dropped enough; nothing was frozen."
+        )
     if summary.get("reference_megabytes") is not None:
         cost.append(f"- Held-out outputs kept between checks: {summary['reference_megabytes']:.1f} MB per process.")
     if time_ratio is not None:

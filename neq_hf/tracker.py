@@ -57,6 +57,8 @@ class EquilibriumTracker:
         # measures but freezes nothing; ``loss_start`` is the loss it compares with, ``gate_step`` the step at which
         # the gate opened (None: not yet).
         self.hold = False
+        # NEqConfig.granularity with "auto" resolved by the caller (neq_hf.NEq: from the model's device)
+        self.granularity = "unit" if config.granularity == "auto" else config.granularity
         self.loss_start: Optional[float] = None
         self.gate_step: Optional[int] = None
 
@@ -163,7 +165,7 @@ class EquilibriumTracker:
             eq = self.equilibrium[key]
             if key[0] < self.layers_frozen:
                 eq = torch.ones_like(eq)
-            elif cfg.granularity == "layer":
+            elif self.granularity == "layer":
                 eq = torch.zeros_like(eq)
             self.frozen[key] = (self.frozen[key] | eq) if cfg.pin_frozen else eq
 

@@ -96,6 +96,19 @@ def test_ddp_same_masks_and_frozen_parameters_unchanged(bert_run):
     assert [r["params_digest"] for r in r0["records"]] == [r["params_digest"] for r in r1["records"]]
 
 
+def test_ddp_progress_gate_agrees_across_processes(tmp_path):
+    """Each process sees the loss of its own batches; the gate averages them over processes, so every process opens
+    it at the same check (else the masks, and DDP's graph, would differ)."""
+    result = run_neq(tmp_path, *BERT_RUN, "--min_loss_drop", "0.02")
+    assert_ok(result)
+    r0, r1 = load_ranks(tmp_path)
+    assert r0["violations"] == [] and r1["violations"] == []
+    for key in ("held", "loss_start", "gate_step", "digest"):
+        assert [r[key] for r in r0["records"]] == [r[key] for r in r1["records"]], key
+    held = [r["held"] for r in r0["records"][1:]]
+    assert held[0] == 1 and r0["records"][-1]["loss_start"] is not None  # the first interval sets the start
+
+
 def test_ddp_tensors_switched_to_no_grad_mid_training(bert_run):
     # Whole tensors leave DDP's graph while training goes on: without find_unused_parameters=True this raises
     # "Expected to have finished reduction" (or hangs) at the next backward.

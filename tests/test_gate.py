@@ -185,4 +185,14 @@ def test_config_validates_the_new_fields():
     for field, value in (("granularity", "neuron"), ("min_loss_drop", 1.0), ("min_loss_drop", -0.1)):
         with pytest.raises(ValueError, match=f"NEqConfig.{field}="):
             NEqConfig(**{field: value})
-    assert NEqConfig().min_loss_drop == 0.1 and NEqConfig().granularity == "unit"
+    assert NEqConfig().min_loss_drop == 0.1 and NEqConfig().granularity == "auto"
+
+
+def test_auto_granularity_is_unit_on_cpu_and_layer_on_cuda(monkeypatch):
+    neq = _engine(min_loss_drop=0)
+    assert neq.tracker.granularity == "unit" and neq.summary()["granularity"] == "unit"  # the model is on CPU
+    unit = _engine(min_loss_drop=0, granularity="unit")
+    monkeypatch.setattr(NEq, "_device", lambda self: torch.device("cuda", 0))  # as if the model had moved to a GPU
+    neq._resolve_granularity()
+    unit._resolve_granularity()
+    assert neq.tracker.granularity == "layer" and unit.tracker.granularity == "unit"

@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--check_every", type=int, default=4)
     p.add_argument("--eps", type=float, default=1e-2)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min_loss_drop", type=float, default=0.0, help="NEqConfig.min_loss_drop (0: no gate)")
     p.add_argument("--batch_size", type=int, default=4, help="per process")
     p.add_argument("--train_samples", type=int, default=160)
     p.add_argument("--holdout_samples", type=int, default=24)
@@ -147,6 +148,9 @@ class Probe(TrainerCallback):
                 "digest": digest,
                 "params_digest": params_digest,
                 "frozen_fraction": last["frozen_fraction"],
+                "held": last.get("held"),
+                "loss_start": tracker.loss_start,
+                "gate_step": tracker.gate_step,
                 "stop_layer": cb.freezer.stop_layer,
                 "trainable_parameters": cb.freezer.trainable_parameters(),
                 "phi": {f"{k[0]}/{k[1]}": tracker.phi[k].tolist() for k in tracker.keys},
@@ -218,7 +222,7 @@ def main(argv=None):
         **extra,
     )
     config = NEqConfig(
-        min_loss_drop=0,
+        min_loss_drop=args.min_loss_drop,
         criterion="absolute",
         layer_threshold=1.0,
         eps=args.eps,
