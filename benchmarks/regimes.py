@@ -73,6 +73,10 @@ def _row(name: str, runs: list[dict], baseline: str, method: str) -> Optional[li
         frozen = "bottom layers, from step 0"
     cpu = statistics.mean(r["train_cpu_seconds"] for r in neq) / statistics.mean(r["train_cpu_seconds"] for r in base)
     seeds = ",".join(str(r["seed"]) for r in sorted(neq, key=lambda r: r["seed"]))
+    if method.startswith("neq") and method != "neq_control" and all("neq" in r for r in neq):
+        # runs made before NEqConfig.min_loss_drop existed had no progress gate
+        if not any(r["neq"]["config"].get("min_loss_drop") for r in neq):
+            method += " (no gate)"
     return [name, f"{baseline} → {method}", seeds, f"{metric} {b:.1f} → {n:.1f}", f"{n - b:+.1f}",
             frozen, f"{cpu:.2f}×"]  # fmt: skip
 
@@ -90,9 +94,9 @@ def render(args) -> str:
                 lines.append("| " + " | ".join(row) + " |")
     for name in VARIATIONS:
         runs = _load(os.path.join(args.results_dir, name))
-        # where present: neq_control (NEq's held-out carve and checks, nothing frozen: the spread that is not
-        # freezing's) and freeze_bottom2 (what a fixed freeze costs in the same regime)
-        for method in ("neq", "neq_control", "freeze_bottom2"):
+        # where present: neq_fast (the fastest recommended setting), neq_control (NEq's held-out carve and checks,
+        # nothing frozen: the spread that is not freezing's) and freeze_bottom2 (what a fixed freeze costs there)
+        for method in ("neq", "neq_fast", "neq_control", "freeze_bottom2"):
             row = _row(f"MiniLM SST-2, full, {name.replace('_x', ' ×')}", runs, "full", method)
             if row:
                 lines.append("| " + " | ".join(row) + " |")
@@ -107,7 +111,8 @@ def render(args) -> str:
             s = neq.get("neq", {})
             lines.append(
                 "| " + " | ".join([
-                    "SmolLM2-135M SST-2, LoRA r 8", "lora → neq_lora", str(sm.get("settings", {}).get("seed", 0)),
+                    "SmolLM2-135M SST-2, LoRA r 8",
+                    "lora → neq_lora" + ("" if neq_config.get("min_loss_drop") else " (no gate)"), str(sm.get("settings", {}).get("seed", 0)),
                     f"accuracy {base['dev_accuracy'] * 100:.1f} → {neq['dev_accuracy'] * 100:.1f}",
                     f"{(neq['dev_accuracy'] - base['dev_accuracy']) * 100:+.1f}",
                     f"{s.get('final_frozen_fraction', 0):.0%} / {s.get('average_frozen_fraction', 0):.0%}",
