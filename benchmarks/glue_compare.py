@@ -445,9 +445,12 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
         if c.get("granularity", "unit") == "layer":
             extras += ", whole layers only"
         if c.get("min_loss_drop"):
-            gate = run["neq"]["summary"].get("gate_step")
-            opened = f"opened at step {gate}" if gate is not None else "never opened"
-            extras += f", no freezing before the training loss dropped by {c['min_loss_drop']:g} ({opened} in seed {run['seed']})"
+            gates = [r["neq"]["summary"].get("gate_step") for r in results if r["method"] == method and "neq" in r]
+            opened = sorted(g for g in gates if g is not None)
+            when = f"opened at step {opened[0]}–{opened[-1]} of the runs" if opened else "never opened"
+            if opened and len(opened) < len(gates):
+                when += f", never in {len(gates) - len(opened)}"
+            extras += f", no freezing before the training loss dropped by {c['min_loss_drop']:g} ({when})"
         lines.append(
             f"- {method}: {rule}, mu {c['mu']:g}, layer_threshold {c.get('layer_threshold', 1.0):g}{extras}, a check "
             f"every {_every(c['check_every'], run['neq']['summary'].get('check_every'))} on "
