@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForSequenceClassification, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoModelForSequenceClassification, BertConfig, HfArgumentParser, Trainer, TrainingArguments
 
 from neq_hf import Freezer, discover_units
 from neq_hf.prefix_cache import FrozenPrefixCache
@@ -64,7 +64,13 @@ TARGETS = {"a_none": 1.03, "b_random50": 0.90, "c_random90": 0.78, "d_bottom_hal
 
 @dataclass
 class Args:
-    model_name_or_path: str = field(default="minilm", metadata={"help": "Model path or hub id; 'minilm' = packaged"})
+    model_name_or_path: str = field(
+        default="minilm",
+        metadata={
+            "help": "Model path or hub id; 'minilm' = packaged; 'bert-base' / 'bert-large' = that BERT shape with "
+            "random weights (step time does not depend on them)"
+        },
+    )
     seq_lengths: str = field(default="64,128", metadata={"help": "Comma-separated sequence lengths."})
     batch_size: int = field(default=32, metadata={"help": "Batch size."})
     repeats: int = field(default=7, metadata={"help": "Timed repetitions per setting (median reported)."})
@@ -75,6 +81,19 @@ class Args:
     readme: str = field(default="", metadata={"help": "README to refresh between step-time markers."})
     table_only: bool = field(default=False, metadata={"help": "Only re-render the table from step_time.json."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (TrainingArguments.bf16; GPU)."})
+
+
+# Shapes timed without their weights: a GPU step of MiniLM is host-bound, these are compute-bound.
+RANDOM_SHAPES = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def load_model(name: str):
+    if name in RANDOM_SHAPES:
+        return AutoModelForSequenceClassification.from_config(BertConfig(num_labels=2, **RANDOM_SHAPES[name]))
+    return AutoModelForSequenceClassification.from_pretrained(resolve_model(name), num_labels=2)
 
 
 def resolve_model(name: str) -> str:
@@ -300,7 +319,7 @@ def held_out_check_cost(base_model, cfg: Args, seq_len: int, samples: int = 256,
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
-        f"MiniLM-L6 (`{meta['model']}`), batch {meta['batch_size']}, {meta['device']}, {meta.get('precision', 'fp32')}, torch {meta['torch']}, "
+        f"{meta.get('shape', 'MiniLM-L6')} (`{meta['model']}`), batch {meta['batch_size']}, {meta['device']}, {meta.get('precision', 'fp32')}, torch {meta['torch']}, "
         f"{meta['threads']} threads; median of {meta['repeats']} interleaved repetitions after {meta['warmup']} "
         "warm-up. Ratios are to the plain `Trainer` step measured in the same run; the time ratio's range is over "
         "paired repetitions; the CPU time ratio (process CPU time) is less sensitive to other load on the machine. "
@@ -371,8 +390,7 @@ def main(argv=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    path = resolve_model(cfg.model_name_or_path)
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    base = load_model(cfg.model_name_or_path)
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="neq_step_time_"),
         report_to=[],
@@ -385,6 +403,10 @@ def main(argv=None) -> dict:
     results = {
         "meta": {
             "model": cfg.model_name_or_path,
+            "shape": (
+                f"{base.config.model_type}, {base.config.num_hidden_layers} layers x {base.config.hidden_size}, "
+                f"{sum(p.numel() for p in base.parameters()) / 1e6:.0f}M parameters"
+            ),
             "batch_size": cfg.batch_size,
             "repeats": cfg.repeats,
             "warmup": cfg.warmup,

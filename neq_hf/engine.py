@@ -42,7 +42,14 @@ from transformers.data.data_collator import default_data_collator
 from .config import NEqConfig
 from .distributed import Engine, ShardedFreezer, check_engine, detect_engine, reduce_device, reshard
 from .freezing import Freezer
-from .holdout import OutputRecorder, build_holdout_loader, model_input_names, plan_reference
+from .holdout import (
+    OutputRecorder,
+    build_holdout_loader,
+    holdout_order,
+    model_input_names,
+    plan_reference,
+    sample_lengths,
+)
 from .prefix_cache import FrozenPrefixCache
 from .tracker import EquilibriumTracker
 from .units import UnitMap, discover_units
@@ -127,6 +134,7 @@ class NEq:
         # The model first: a model NEq cannot map fails with that error, not with one about the held-out columns.
         self.unit_map: UnitMap = discover_units(self.model)
         self.holdout_size: Optional[int] = None  # known when NEq shards the dataset itself
+        self._holdout_lengths: Optional[list[int]] = None
         if holdout_dataset is not None:
             batch_size = self.config.holdout_batch_size or batch_size or 8
             self.loader = build_holdout_loader(
@@ -137,11 +145,14 @@ class NEq:
                 self.process_index,
                 self.num_processes,
                 min_samples=self.config.holdout_min_samples,
+                group_by_length=self.config.holdout_group_by_length,
             )
             # Its own generator: every iterator of a DataLoader without one draws from torch's global RNG, which would
             # shift the training run's shuffling and dropout away from a plain Trainer's with the same seed.
             self.loader.generator = torch.Generator()
             self.holdout_size = len(holdout_dataset)
+            # the order of the reference rows, to re-shard them for another number of processes on resume
+            self._holdout_lengths = sample_lengths(holdout_dataset) if self.config.holdout_group_by_length else None
         else:
             self.loader = holdout_dataloader
         # FSDP2 shards parameters by rows: frozen rows are kept on each process's local shard, and every held-out
@@ -162,7 +173,9 @@ class NEq:
         self.tracker.fingerprints = {
             "units": unit_fingerprint(self.unit_map, self.config.unit_kinds),
             "holdout": (
-                holdout_fingerprint(holdout_dataset, model_input_names(self.model))
+                holdout_fingerprint(
+                    holdout_dataset, model_input_names(self.model), self.config.holdout_group_by_length
+                )
                 if holdout_dataset is not None
                 else loader_fingerprint(self.loader, self.process_index, self.num_processes)
             ),
@@ -236,8 +249,11 @@ class NEq:
 
     def _resolve_granularity(self) -> None:
         if self.config.granularity == "auto":
-            # on a GPU the per-row bookkeeping of partly frozen tensors costs more than it saves (step_time.py)
-            self.tracker.granularity = "layer" if self._device().type == "cuda" else "unit"
+            # On a GPU the per-row bookkeeping of partly frozen tensors costs host time per tensor and step: more than
+            # it saves on a small, host-bound model (MiniLM-L6, 22M parameters, on an H200: 1.7-2.1x a plain step),
+            # less on compute-bound ones (BERT-base, 109M: 0.88-0.96x; BERT-large: 0.80-0.94x). benchmarks/step_time.py
+            small = sum(p.numel() for p in self.model.parameters()) < AUTO_UNIT_MIN_PARAMETERS
+            self.tracker.granularity = "layer" if self._device().type == "cuda" and small else "unit"
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -540,13 +556,15 @@ class NEq:
                 "re-shard the reference outputs. Resume with the same number of processes, or pass holdout_dataset."
             )
         saved, now = len(shards), self.num_processes
+        rows = [holdout_order(self._holdout_lengths, holdout_size, r, saved) for r in range(saved)]
+        mine = holdout_order(self._holdout_lengths, holdout_size, self.process_index, now)
         out = []
         for key_index in range(len(shards[0])):
             parts = [s[key_index] for s in shards]
             full = parts[0].new_empty((holdout_size,) + tuple(parts[0].shape[1:]))
-            for r, part in enumerate(parts):
-                full[r::saved] = part
-            out.append(full[self.process_index :: now].clone())
+            for order, part in zip(rows, parts):
+                full[order] = part
+            out.append(full[mine].clone())
         return out
 
     def save_checkpoint(self, folder: str) -> None:
@@ -747,7 +765,16 @@ def log_items(record: dict) -> dict[str, float]:
 
 # -- what a saved state belongs to ------------------------------------------------------------------------------------
 # Settings that choose the held-out split, named when a resumed run's split differs from the saved one.
-HOLDOUT_SETTINGS = ("holdout_size", "holdout_seed", "holdout_min_samples", "holdout_max_samples", "token_pooling")
+# granularity="auto" on a GPU: per-unit freezing from this many parameters, whole layers only below
+AUTO_UNIT_MIN_PARAMETERS = 100_000_000
+HOLDOUT_SETTINGS = (
+    "holdout_size",
+    "holdout_seed",
+    "holdout_min_samples",
+    "holdout_max_samples",
+    "holdout_group_by_length",
+    "token_pooling",
+)
 
 
 def unit_fingerprint(unit_map: UnitMap, kinds: list[str]) -> dict:
@@ -772,9 +799,9 @@ def _value_bytes(value) -> bytes:
     return repr(tuple(t.shape)).encode() + t.numpy().tobytes()
 
 
-def holdout_fingerprint(dataset: Dataset, input_names: set[str]) -> dict:
+def holdout_fingerprint(dataset: Dataset, input_names: set[str], group_by_length: bool = False) -> dict:
     """Size and hash of the held-out samples' model inputs (labels and other columns ignored), independent of the
-    number of processes."""
+    number of processes, and the order in which a check reads them (the reference outputs are stored in it)."""
     digest = hashlib.sha256()
     columns = sorted(k for k in dataset[0] if k in input_names) if len(dataset) else []
     if hasattr(dataset, "column_names"):  # datasets.Dataset: one columnar read per column, not one read per row
@@ -785,7 +812,8 @@ def holdout_fingerprint(dataset: Dataset, input_names: set[str]) -> dict:
         for k, value in zip(columns, row):
             digest.update(k.encode())
             digest.update(_value_bytes(value))
-    return {"scope": "dataset", "samples": len(dataset), "sha256": digest.hexdigest()[:16]}
+    order = "length" if group_by_length else "dataset"
+    return {"scope": "dataset", "samples": len(dataset), "sha256": digest.hexdigest()[:16], "order": order}
 
 
 def loader_fingerprint(loader: DataLoader, process_index: int, num_processes: int) -> dict:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any, Optional, Union
@@ -150,10 +151,13 @@ def build_holdout_loader(
     process_index: int = 0,
     num_processes: int = 1,
     min_samples: Optional[int] = None,
+    group_by_length: bool = False,
 ) -> DataLoader:
     """A sequential loader over this process's shard of the held-out split, yielding model inputs only.
 
-    Refuses a held-out split of one sample, and warns (once, here) when it has fewer than ``min_samples``.
+    With ``group_by_length`` the shard's samples come ordered by length, in batches cut by
+    :func:`length_grouped_batches`. Refuses a held-out split of one sample, and warns (once, here) when it has fewer
+    than ``min_samples``.
     """
     if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
         raise HoldoutTooSmallError("The NEq held-out dataset is empty; give it at least two samples.")
@@ -178,6 +182,7 @@ def build_holdout_loader(
             "as the training set."
         )
     shard = Subset(dataset, list(range(process_index, len(dataset), num_processes)))
+    lengths = sample_lengths(shard) if group_by_length else None
     if getattr(collator, "padding_free", False) and dataclasses.is_dataclass(collator):
         # Outputs are pooled per sample: trl's padding-free collators pack a whole batch into one sequence.
         collator = dataclasses.replace(collator, padding_free=False)
@@ -193,7 +198,55 @@ def build_holdout_loader(
             )
         return {k: v for k, v in batch.items() if k in accepted}
 
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    if lengths is None:
+        return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return DataLoader(shard, batch_sampler=length_grouped_batches(lengths, batch_size), collate_fn=collate)
+
+
+def sample_lengths(dataset: Dataset) -> Optional[list[int]]:
+    """Each sample's number of tokens (the length of its ``input_ids``), or ``None`` when a sample has none."""
+    lengths = []
+    for i in range(len(dataset)):
+        ids = dataset[i].get("input_ids")
+        if ids is None or (torch.is_tensor(ids) and ids.dim() != 1):
+            return None
+        lengths.append(len(ids))
+    return lengths
+
+
+def holdout_order(
+    lengths: Optional[list[int]], size: int, process_index: int = 0, num_processes: int = 1
+) -> list[int]:
+    """The held-out samples (indices into the held-out split of ``size`` samples) whose outputs a process's checks
+    produce, in the order of their rows: its shard (every ``num_processes``-th sample), ordered by length (ties by
+    position) when ``lengths`` are given, as :func:`build_holdout_loader` reads them with ``group_by_length``."""
+    shard = list(range(process_index, size, num_processes))
+    return shard if lengths is None else sorted(shard, key=lambda i: (lengths[i], i))
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Sample indices ordered by length (ties by position), cut into batches of at most ``batch_size`` samples and
+    at most ``batch_size`` x the mean length in padded tokens (a batch holds at least one sample).
+
+    A batch of sequential samples is padded to its longest; ordered ones barely need padding. The token budget lets
+    the short samples share large batches while the long ones split into smaller ones, and keeps every batch within
+    the padded size of an average sequential batch, so memory never exceeds what the plain loader needs.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    budget = batch_size * max(1, math.ceil(sum(lengths) / max(1, len(lengths))))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # lengths ascend, so the batch is padded to this sample's length
+        if current and (len(current) == batch_size or (len(current) + 1) * lengths[i] > budget):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 class OutputRecorder:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import pad_collator, tiny_classifier, token_dataset, training_args
 
+import neq_hf.engine as engine_module
 from neq_hf import NEq, NEqConfig, NEqTrainer, NEqTrainerCallback
 from neq_hf.tracker import EquilibriumTracker
 from neq_hf.units import discover_units
@@ -188,7 +189,7 @@ def test_config_validates_the_new_fields():
     assert NEqConfig().min_loss_drop == 0.1 and NEqConfig().granularity == "auto"
 
 
-def test_auto_granularity_is_unit_on_cpu_and_layer_on_cuda(monkeypatch):
+def test_auto_granularity_is_unit_on_cpu_and_layer_on_cuda_for_small_models(monkeypatch):
     neq = _engine(min_loss_drop=0)
     assert neq.tracker.granularity == "unit" and neq.summary()["granularity"] == "unit"  # the model is on CPU
     unit = _engine(min_loss_drop=0, granularity="unit")
@@ -196,3 +197,7 @@ def test_auto_granularity_is_unit_on_cpu_and_layer_on_cuda(monkeypatch):
     neq._resolve_granularity()
     unit._resolve_granularity()
     assert neq.tracker.granularity == "layer" and unit.tracker.granularity == "unit"
+    # a model above the threshold (compute-bound on a GPU) keeps per-unit freezing
+    monkeypatch.setattr(engine_module, "AUTO_UNIT_MIN_PARAMETERS", sum(p.numel() for p in neq.model.parameters()))
+    neq._resolve_granularity()
+    assert neq.tracker.granularity == "unit"

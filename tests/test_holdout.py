@@ -16,6 +16,7 @@ from neq_hf.holdout import (
     build_holdout_loader,
     count_reference_rows,
     holdout_count,
+    length_grouped_batches,
     plan_reference,
     reference_width,
 )
@@ -401,3 +402,58 @@ def test_memory_budget_is_validated(budget):
     with pytest.raises(ValueError, match="holdout_memory_budget_mb"):
         NEqConfig(min_loss_drop=0, holdout_memory_budget_mb=budget)
     assert NEqConfig(min_loss_drop=0, holdout_memory_budget_mb=None).holdout_memory_budget_mb is None
+
+
+# -- length-grouped held-out batches --------------------------------------------------------------------------------
+def test_length_grouped_batches_by_hand():
+    lengths = [9, 2, 30, 3, 2, 10, 4, 28]  # mean 11, batch 4 -> at most 4 samples and 44 padded tokens a batch
+    # ascending (ties by position): 1(2) 4(2) 3(3) 6(4) | 0(9) 5(10) [3 x 28 = 84 > 44] | 7(28) | 2(30)
+    assert length_grouped_batches(lengths, 4) == [[1, 4, 3, 6], [0, 5], [7], [2]]
+    assert length_grouped_batches(lengths, 1) == [[1], [4], [3], [6], [0], [5], [7], [2]]
+    assert length_grouped_batches([5, 5, 5, 5, 5], 2) == [[0, 1], [2, 3], [4]]  # equal lengths: plain batches
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        length_grouped_batches([3], 0)
+
+
+def test_length_grouped_loader_pads_less_and_covers_every_sample_once():
+    model = tiny_classifier("bert")
+    dataset = token_dataset(40, seed=5, with_labels=False, min_len=2, max_len=30)
+    plain = list(build_holdout_loader(dataset, model, pad_collator, 8))
+    grouped = list(build_holdout_loader(dataset, model, pad_collator, 8, group_by_length=True))
+    padded = [sum(b["input_ids"].numel() for b in loader) for loader in (plain, grouped)]
+    assert padded[1] < 0.75 * padded[0]
+    mean = sum(len(x["input_ids"]) for x in dataset) / len(dataset)
+    assert all(b["input_ids"].shape[0] <= 8 and b["input_ids"].numel() <= 8 * -(-mean // 1) for b in grouped)
+    rows = sorted(
+        tuple(ids[mask.bool()].tolist()) for b in grouped for ids, mask in zip(b["input_ids"], b["attention_mask"])
+    )
+    assert rows == sorted(tuple(x["input_ids"]) for x in dataset)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "none"])
+def test_length_grouped_checks_give_the_same_similarity(pooling):
+    """The batching changes the padding, not a unit's outputs: phi per unit equals the plain loader's."""
+    dataset = token_dataset(23, seed=6, with_labels=False, min_len=2, max_len=24)
+    trackers = []
+    for grouped in (False, True):
+        model = tiny_classifier("bert", seed=1)
+        units = discover_units(model)
+        config = NEqConfig(min_loss_drop=0, token_pooling=pooling)
+        tracker = EquilibriumTracker(units, config)
+        recorder = OutputRecorder(units, config.unit_kinds, pooling)
+        loader = build_holdout_loader(dataset, model, pad_collator, 5, group_by_length=grouped)
+        tracker.reference_rows = count_reference_rows(loader, pooling)
+
+        def run_pass(on_batch, model=model, recorder=recorder, loader=loader):
+            recorder.run(model, loader, torch.device("cpu"), on_batch)
+
+        tracker.check(run_pass)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        tracker.check(run_pass)
+        trackers.append(tracker)
+    for key in trackers[0].keys:
+        assert not torch.equal(trackers[0].phi[key], torch.ones_like(trackers[0].phi[key]))
+        torch.testing.assert_close(trackers[1].phi[key], trackers[0].phi[key], atol=1e-5, rtol=0)

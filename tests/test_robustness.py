@@ -182,8 +182,12 @@ def saved_run(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "change, named",
-    [({"holdout_seed": 7}, "holdout_seed 42 -> 7"), ({"holdout_size": 24}, "samples: 16 saved, 24 now")],
-    ids=["seed", "larger"],
+    [
+        ({"holdout_seed": 7}, "holdout_seed 42 -> 7"),
+        ({"holdout_size": 24}, "samples: 16 saved, 24 now"),
+        ({"holdout_group_by_length": False}, "order: 'length' saved, 'dataset' now"),
+    ],
+    ids=["seed", "larger", "order"],
 )
 def test_resume_refuses_another_held_out_split(tmp_path, saved_run, change, named):
     config = NEqConfig(
