@@ -23,7 +23,16 @@ all slow down together (a decaying learning rate, a converged task) does not rea
 what moves much less than the rest of the network. The layer that defines s never has half of its units below
 eps_rel * s (its median is s), so with ``layer_threshold >= 0.5`` at least that layer and everything above it keep
 training: the rule cannot freeze a whole model. A frozen bottom prefix has 1 - phi = 0 exactly and does not lower s,
-which is a maximum. The second condition keeps a unit that moves at a steady rate (v ~ 0 because phi is stationary,
+which is a maximum.
+
+A unit already frozen stays frozen while ``(1 - phi_i^t) < eps_rel * s_k^t`` (its output does not move), whatever its
+velocity: when a unit freezes, its own updates stop, so its phi jumps towards 1 and the next velocities measure that
+jump, not a change of the unit. Re-deciding frozen units with the full rule released them at the next checks (the
+more so as s shrinks with the learning rate): on the GLUE grid whole bottom layers froze and thawed at every other
+check, and the fraction frozen fell towards the end of runs. A frozen unit is released when its output moves again,
+through the layers below it. The absolute rule keeps the paper's re-decision by ``|v| < eps``.
+
+The second condition keeps a unit that moves at a steady rate (v ~ 0 because phi is stationary,
 while 1 - phi is as large as the fastest layer's) from counting as at rest. The first version of this rule took s as
 the largest median change seen so far in the run; as outputs slowed with the learning rate and the frozen prefix
 grew, every layer fell below that peak one after another and whole models froze by mid-run
@@ -106,6 +115,16 @@ def relative_equilibrium(v: torch.Tensor, phi: torch.Tensor, scale: float, eps_r
         return torch.zeros(v.shape, dtype=torch.bool, device=v.device)
     moving = 1 - _float32(phi)
     return torch.isfinite(v) & torch.isfinite(moving) & (v.abs() < limit) & (moving < limit)
+
+
+def still(phi: torch.Tensor, scale: float, eps_relative: float) -> torch.Tensor:
+    """(1 - phi) < eps_rel * s: the relative rule's condition for a frozen unit to stay frozen (its output does not
+    move); False with an undefined phi or scale."""
+    limit = eps_relative * scale
+    if not (limit == limit and limit > 0):
+        return torch.zeros(phi.shape, dtype=torch.bool, device=phi.device)
+    moving = 1 - _float32(phi)
+    return torch.isfinite(moving) & (moving < limit)
 
 
 def layer_rule(equilibrium_fraction: list[float], threshold: float) -> int:

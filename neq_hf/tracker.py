@@ -15,6 +15,7 @@ from .equilibrium import (
     layer_rule,
     relative_equilibrium,
     relative_scale,
+    still,
     velocity,
 )
 from .units import UnitMap
@@ -153,6 +154,9 @@ class EquilibriumTracker:
                 eq = self.equilibrium[key]
             else:
                 eq = relative_equilibrium(self.v[key], self.phi[key], self.scale[key[1]], cfg.eps_relative)
+                # A frozen unit stays at rest while its output does not move: its velocity right after freezing
+                # measures the freeze itself (its own updates stopped), not a change of the unit.
+                eq = eq | (self.frozen[key] & still(self.phi[key], self.scale[key[1]], cfg.eps_relative))
             self.equilibrium[key] = eq
         fractions = []
         for layer in self.layers:

@@ -15,6 +15,7 @@ from neq_hf.equilibrium import (
     layer_rule,
     relative_equilibrium,
     relative_scale,
+    still,
     typical_change,
     velocity,
 )
@@ -82,6 +83,85 @@ def test_relative_rule_by_hand():
     # no scale (nothing moved, or NaN) -> never at rest
     assert not relative_equilibrium(v, phi, scale=0.0, eps_relative=0.1).any()
     assert not relative_equilibrium(v, phi, scale=float("nan"), eps_relative=0.1).any()
+
+
+def test_still_by_hand():
+    phi = torch.tensor([1.0, 0.999, 0.99, float("nan")])
+    # limit = 0.1 * 0.05 = 0.005: 1 - phi = 0, 0.001 stay; 0.01 moves; NaN undefined
+    assert still(phi, scale=0.05, eps_relative=0.1).tolist() == [True, True, False, False]
+    assert not still(phi, scale=0.0, eps_relative=0.1).any()
+    assert not still(phi, scale=float("nan"), eps_relative=0.1).any()
+
+
+def _step(tracker, cfg, changes):
+    """One check of a tracker fed a per-key vector of 1 - phi."""
+    tracker.t += 1
+    for key, change in changes.items():
+        phi = 1 - change
+        tracker.v[key] = velocity(phi, tracker.phi[key], tracker.v[key], cfg.mu)
+        tracker.phi[key] = phi
+    tracker._update_scale()
+    tracker._decide()
+
+
+@pytest.mark.parametrize("criterion", ["relative", "absolute"])
+def test_a_frozen_unit_stays_frozen_while_its_output_does_not_move(criterion):
+    """Freezing stops a unit's own updates, so its phi jumps to 1 and its velocity spikes: under the relative rule
+    that spike does not release it (only a moving output does); the absolute rule keeps the paper's |v| < eps."""
+    unit_map = discover_units(tiny_classifier("bert"))
+    cfg = NEqConfig(min_loss_drop=0, criterion=criterion, eps=1e-3, eps_relative=0.1, layer_threshold=1.0)
+    tracker = EquilibriumTracker(unit_map, cfg)
+    tracker.t = 1
+    key = (0, "neurons")
+    top = {k: torch.full((tracker.num_units[k],), 0.1) for k in tracker.keys if k[0] == max(tracker.layers)}
+
+    def changes(unit0, unit1, top_change):
+        # every other unit changes by half the top layer's change, so s is the top layer's
+        out = {k: torch.full((tracker.num_units[k],), top_change / 2) for k in tracker.keys}
+        out.update({k: torch.full_like(v, top_change) for k, v in top.items()})
+        out[key][0], out[key][1] = unit0, unit1
+        return out
+
+    # checks 2 and 3: units 0 and 1 change by 0.0008 at each check, with s = 0.1 (limit 0.01 relative); at rest
+    _step(tracker, cfg, changes(0.0008, 0.0008, 0.1))
+    _step(tracker, cfg, changes(0.0008, 0.0008, 0.1))
+    assert tracker.frozen[key][:2].tolist() == [True, True]
+    # check 4: both frozen; unit 0's output stops moving (1 - phi = 0), unit 1's moves again (0.004), and the
+    # network slows down 10x (s = 0.01, limit 0.001). Unit 0's velocity is 0.0008: above the relative limit.
+    _step(tracker, cfg, changes(0.0, 0.004, 0.01))
+    v0 = float(tracker.v[key][0])
+    assert v0 == pytest.approx(0.0008, abs=1e-6)
+    if criterion == "relative":
+        assert tracker.frozen[key][:2].tolist() == [True, False]  # unit 0 stays (still), unit 1 is released
+    else:
+        # the paper's rule: |v| < 1e-3 for unit 0 (stays), |0.004 - 0.0008| > 1e-3 for unit 1 (released)
+        assert tracker.frozen[key][:2].tolist() == [True, False]
+    # check 5: unit 0 still does not move; the network slows down 100x more (limit 1e-5): under the relative rule it
+    # stays frozen, while its velocity -0.0004 (momentum) is far above that limit
+    _step(tracker, cfg, changes(0.0, 0.004, 1e-4))
+    assert bool(tracker.frozen[key][0])
+    if criterion == "relative":
+        assert abs(float(tracker.v[key][0])) > 10 * cfg.eps_relative * tracker.scale["neurons"]
+
+
+def test_a_frozen_bottom_layer_stays_frozen_when_the_network_slows_down():
+    """A whole frozen bottom layer has 1 - phi = 0 exactly: it stays frozen whatever its velocity and the scale."""
+    unit_map = discover_units(tiny_classifier("bert"))
+    cfg = NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.1, layer_threshold=0.9)
+    tracker = EquilibriumTracker(unit_map, cfg)
+    tracker.t = 1
+    top = max(tracker.layers)
+
+    def changes(bottom, rest):
+        return {k: torch.full((tracker.num_units[k],), bottom if k[0] == 0 else rest) for k in tracker.keys}
+
+    _step(tracker, cfg, changes(0.001, 0.1))
+    _step(tracker, cfg, changes(0.001, 0.1))
+    assert tracker.layers_frozen == 1
+    for rest in (0.01, 0.001, 1e-5):  # the network slows down with the learning rate; layer 0 no longer moves
+        _step(tracker, cfg, changes(0.0, rest))
+        assert tracker.layers_frozen == 1 and all(tracker.frozen[(0, k)].all() for k in cfg.unit_kinds)
+    assert top > 0
 
 
 def test_layer_rule_is_bottom_up():
