@@ -750,13 +750,14 @@ def resolve_schedule(config: NEqConfig, max_steps: Optional[int], num_epochs: Op
 
 def log_items(record: dict) -> dict[str, float]:
     """A check's record as flat ``neq/...`` log keys (per-layer lists become ``neq/<kind>/layer_<i>``). Wall-clock
-    figures stay out (they belong to the summary), so that logs are reproducible across a resume."""
+    figures stay out (they belong to the summary), so that logs are reproducible across a resume, and so do the
+    per-layer fractions at rest (in `neq_history.json`)."""
     items = {}
     for key, value in record.items():
         if key.startswith("per_layer/"):
             kind = key.split("/", 1)[1]
             items.update({f"neq/{kind}/layer_{i}": v for i, v in enumerate(value)})
-        elif key in ("step", "epoch", "check", "seconds") or value is None:
+        elif key in ("step", "epoch", "check", "seconds") or key.startswith("per_layer_at_rest/") or value is None:
             continue
         else:
             items[f"neq/{key}"] = value

@@ -205,6 +205,11 @@ class EquilibriumTracker:
             den = sum(self.num_units[k] for k in self.keys if k[1] == kind)
             figures[f"frozen_fraction/{kind}"] = num / max(den, 1)
             figures[f"per_layer/{kind}"] = per_layer[kind]
+            # units at equilibrium by the rule, per layer, before the layer rule and the granularity (what
+            # `layer_threshold` is compared with)
+            figures[f"per_layer_at_rest/{kind}"] = [
+                int(self.equilibrium[k].sum()) / max(self.num_units[k], 1) for k in self.keys if k[1] == kind
+            ]
             phis = torch.cat([self.phi[k] for k in self.keys if k[1] == kind])
             finite = phis[torch.isfinite(phis)]
             figures[f"one_minus_phi/{kind}"] = float((1 - finite).mean()) if finite.numel() else None

@@ -150,6 +150,11 @@ def test_layer_granularity_freezes_whole_bottom_layers_only():
         tracker._decide()
         results[granularity] = {k: m.clone() for k, m in tracker.frozen.items()}
         assert tracker.layers_frozen == 1
+        figures = tracker._figures(nonfinite=0)
+        for kind in cfg.unit_kinds:  # what the rule found at rest, whatever froze
+            n = [tracker.num_units[(layer, kind)] for layer in tracker.layers]
+            assert figures[f"per_layer_at_rest/{kind}"] == [(3 * n[0] // 4) / n[0], (n[1] // 4) / n[1]]
+            assert figures[f"per_layer/{kind}"][1] == (0.0 if granularity == "layer" else (n[1] // 4) / n[1])
     for (layer, _kind), mask in results["layer"].items():
         assert bool(mask.all()) if layer == 0 else not bool(mask.any())
     # with units, the 25% at rest in layer 1 freeze too: the comparison is not vacuous
