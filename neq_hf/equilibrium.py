@@ -110,11 +110,7 @@ def relative_scale(phi_per_layer: list[torch.Tensor]) -> float:
 
 def relative_equilibrium(v: torch.Tensor, phi: torch.Tensor, scale: float, eps_relative: float) -> torch.Tensor:
     """|v| < eps_rel * s and (1 - phi) < eps_rel * s; never at equilibrium with an undefined v, phi or scale."""
-    limit = eps_relative * scale
-    if not (limit == limit and limit > 0):  # NaN scale, or a run whose units did not move at all
-        return torch.zeros(v.shape, dtype=torch.bool, device=v.device)
-    moving = 1 - _float32(phi)
-    return torch.isfinite(v) & torch.isfinite(moving) & (v.abs() < limit) & (moving < limit)
+    return still(phi, scale, eps_relative) & torch.isfinite(v) & (v.abs() < eps_relative * scale)
 
 
 def still(phi: torch.Tensor, scale: float, eps_relative: float) -> torch.Tensor:

@@ -181,8 +181,9 @@ def build_holdout_loader(
             f"{[c for c in _INPUT_COLUMNS if c in accepted]} (with e.g. attention_mask). Tokenize it the same way "
             "as the training set."
         )
-    shard = Subset(dataset, list(range(process_index, len(dataset), num_processes)))
-    lengths = sample_lengths(shard) if group_by_length else None
+    lengths = sample_lengths(dataset) if group_by_length else None
+    order = holdout_order(lengths, len(dataset), process_index, num_processes)
+    shard = Subset(dataset, order)
     if getattr(collator, "padding_free", False) and dataclasses.is_dataclass(collator):
         # Outputs are pooled per sample: trl's padding-free collators pack a whole batch into one sequence.
         collator = dataclasses.replace(collator, padding_free=False)
@@ -200,7 +201,9 @@ def build_holdout_loader(
 
     if lengths is None:
         return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    return DataLoader(shard, batch_sampler=length_grouped_batches(lengths, batch_size), collate_fn=collate)
+    # the shard is in length order already: the batches only cut it
+    batches = length_grouped_batches([lengths[i] for i in order], batch_size)
+    return DataLoader(shard, batch_sampler=batches, collate_fn=collate)
 
 
 def sample_lengths(dataset: Dataset) -> Optional[list[int]]:
