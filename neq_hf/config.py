@@ -87,6 +87,12 @@ class NEqConfig:
             `TrainingArguments.group_by_length` does for training). The outputs do not depend on the batching; a
             check costs less: 0.49x the time of one padded batch for 64 SST-2 sentences of 3 to 42 tokens on MiniLM
             (CPU). No effect on samples without `input_ids`.
+        holdout_in_train (`bool`, defaults to `False`):
+            Keep the samples carved by `NEqTrainer` in its training set: they are then probes the model also trains
+            on (the paper measures equilibrium on unseen samples), and the training set and its batch order stay
+            those of the same `Trainer` run without NEq, so that a run is the plain run, bit for bit, until the first
+            unit freezes. By default they are removed from training. Has no effect on a held-out dataset given
+            explicitly.
         holdout_seed (`int`, defaults to `42`):
             Seed of the held-out carve (named apart from `TrainingArguments.seed` so both parse on one command line).
 
@@ -190,6 +196,12 @@ class NEqConfig:
     holdout_group_by_length: bool = field(
         default=True,
         metadata={"help": "Batch the held-out samples by length (less padding, same outputs)."},
+    )
+    holdout_in_train: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the carved held-out samples in the training set (same data and batch order as without NEq)."
+        },
     )
     holdout_seed: int = field(default=42, metadata={"help": "Seed of the held-out carve."})
     unit_kinds: list[str] = field(

@@ -199,11 +199,13 @@ def build_holdout_loader(
             )
         return {k: v for k, v in batch.items() if k in accepted}
 
+    # A generator of its own: iterating a DataLoader otherwise draws a seed from the global RNG, and every check would
+    # shift the training run's dropout masks.
     if lengths is None:
-        return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
+        return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=torch.Generator())
     # the shard is in length order already: the batches only cut it
     batches = length_grouped_batches([lengths[i] for i in order], batch_size)
-    return DataLoader(shard, batch_sampler=batches, collate_fn=collate)
+    return DataLoader(shard, batch_sampler=batches, collate_fn=collate, generator=torch.Generator())
 
 
 def sample_lengths(dataset: Dataset) -> Optional[list[int]]:

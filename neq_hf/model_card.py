@@ -490,6 +490,7 @@ def update_trainer_model_card(
             method="NEq freezing of LoRA adapters" if is_peft_model(trainer.model) else "NEq freezing",
             train_samples=_length(getattr(trainer, "train_dataset", None)),
             holdout_samples=holdout,
+            holdout_in_train=bool(getattr(trainer, "neq_holdout_in_train", False)),
             eval_samples=results.get("eval_samples") or _length(getattr(trainer, "eval_dataset", None)),
             epochs=trainer.args.num_train_epochs if trainer.args.max_steps <= 0 else None,
             steps=trainer.state.global_step or None,
@@ -522,6 +523,7 @@ def card_sections(
     eval_samples: Optional[int] = None,
     epochs: Optional[float] = None,
     steps: Optional[int] = None,
+    holdout_in_train: bool = False,
 ) -> dict[str, Optional[str]]:
     """Text for the Trainer card's "More information needed" sections, from what the run knows (``method``: how it
     was fine-tuned, e.g. ``"NEq freezing"`` or ``"LoRA"``); a section about which nothing is known is dropped
@@ -546,12 +548,18 @@ def card_sections(
     if train_samples or eval_samples:
         parts = []
         if train_samples:
-            held = (
-                f"; {holdout_samples:,} further samples of the training data were held out for NEq's equilibrium "
-                "checks (their inputs only, never their labels) and not trained on"
-                if holdout_samples
-                else ""
-            )
+            if not holdout_samples:
+                held = ""
+            elif holdout_in_train:
+                held = (
+                    f"; NEq's equilibrium checks watched the outputs of {holdout_samples:,} of them (their inputs "
+                    "only, never their labels)"
+                )
+            else:
+                held = (
+                    f"; {holdout_samples:,} further samples of the training data were held out for NEq's "
+                    "equilibrium checks (their inputs only, never their labels) and not trained on"
+                )
             parts.append(f"Training: {train_samples:,} samples{of}{held}.")
         if eval_samples:
             parts.append(f"Evaluation: {eval_samples:,} samples" + (f" of the {split} split" if split else "") + ".")

@@ -98,9 +98,10 @@ class NEqTrainer(Trainer):
                     f"({err}) Use a larger training set, or pass neq_dataset=... explicitly."
                 )
             else:
-                self._neq_carved = self.train_dataset = carved
+                # holdout_in_train: the probes stay in the training set, which stays the one given
+                self._neq_carved = self.train_dataset = train if cfg.holdout_in_train else carved
                 self.neq_dataset = self.neq_callback.dataset = held
-                self.neq_callback.check_overlap = False  # disjoint by construction
+                self.neq_callback.check_overlap = False  # carved by NEq: disjoint, or kept in train on purpose
         if self._neq_skip is not None and cfg.strict:
             raise ValueError(f"NEq cannot act with this training set: {self._neq_skip} (NEqConfig.strict=True)")
 
@@ -151,9 +152,17 @@ class NEqTrainer(Trainer):
             engine.record_step_loss(loss)  # every step's loss for NEqConfig.min_loss_drop (read at the next check)
         return loss
 
+    @property
+    def neq_holdout_in_train(self) -> bool:
+        """Whether the held-out split was carved from the training set and kept in it (`NEqConfig.holdout_in_train`)."""
+        return self._neq_carved is not None and self._neq_carved is self._neq_source
+
     def neq_summary(self) -> dict:
         """Frozen fractions (final and average, per kind and layer) and the cost of the held-out checks."""
-        return self.neq_callback.summary()
+        summary = self.neq_callback.summary()
+        if summary and self._neq_carved is not None:
+            summary["holdout_in_train"] = self.neq_holdout_in_train
+        return summary
 
     def create_model_card(
         self, *args, neq_time_ratio: Optional[float] = None, neq_results: Optional[dict] = None, **kwargs

@@ -227,3 +227,24 @@ def test_trainer_card_names_the_model_and_describes_the_run(neq_trainer):
     assert "\n# tiny-bert-mrpc-neq\n" in text and "More information needed" not in text
     trained = len(neq_trainer.train_dataset)
     assert f"Training: {trained:,} samples of GLUE MRPC; {len(neq_trainer.neq_dataset):,} further samples" in text
+
+
+def test_card_says_whether_the_held_out_samples_were_trained_on():
+    from neq_hf.model_card import card_sections
+
+    removed = card_sections(
+        base_model=None, dataset=None, method="NEq freezing", train_samples=936, holdout_samples=64
+    )
+    kept = card_sections(
+        base_model=None,
+        dataset=None,
+        method="NEq freezing",
+        train_samples=1000,
+        holdout_samples=64,
+        holdout_in_train=True,
+    )
+    data = "Training and evaluation data"
+    assert "64 further samples of the training data were held out" in removed[data]
+    assert "not trained on" in removed[data]
+    assert "Training: 1,000 samples; NEq's equilibrium checks watched the outputs of 64 of them" in kept[data]
+    assert "not trained on" not in kept[data]

@@ -264,6 +264,41 @@ def test_holdout_is_removed_from_training(tmp_path):
     assert again.neq_dataset["input_ids"] == trainer.neq_dataset["input_ids"]
 
 
+def test_holdout_in_train_is_the_plain_run_until_something_freezes(tmp_path):
+    """holdout_in_train=True keeps the training set (and its batch order) of the plain Trainer run; the held-out
+    checks draw nothing from the global RNG, so with nothing ever at rest (eps_relative=0) the run is the plain
+    run bit for bit, dropout included."""
+    plain = Trainer(
+        model=tiny_classifier("bert"),
+        args=training_args(tmp_path / "plain"),
+        train_dataset=token_dataset(96),
+        data_collator=pad_collator,
+    )
+    assert plain.model.config.hidden_dropout_prob > 0  # the dropout masks must match too
+    plain.train()
+    cfg = NEqConfig(eps_relative=0.0, min_loss_drop=0, check_every=2, holdout_size=16, holdout_in_train=True)
+    neq = NEqTrainer(
+        model=tiny_classifier("bert"),
+        args=training_args(tmp_path / "neq"),
+        train_dataset=token_dataset(96),
+        data_collator=pad_collator,
+        neq_config=cfg,
+    )
+    assert len(neq.train_dataset) == 96 and len(neq.neq_dataset) == 16
+    train_ids = [tuple(x) for x in neq.train_dataset["input_ids"]]
+    assert all(tuple(x) in train_ids for x in neq.neq_dataset["input_ids"])
+    neq.train()
+    summary = neq.neq_summary()
+    assert summary["checks"] == 6 and summary["final_frozen_fraction"] == 0.0 and summary["holdout_in_train"]
+    mine = dict(neq.model.named_parameters())
+    for name, p in plain.model.named_parameters():
+        assert torch.equal(p, mine[name]), name
+    # removed from training (the default), the data differ, and so does the run
+    removed = make_trainer(tmp_path, NEqConfig(eps_relative=0.0, min_loss_drop=0, check_every=2, holdout_size=16))
+    removed.train()
+    assert not torch.equal(removed.model.classifier.weight, plain.model.classifier.weight)
+
+
 def test_plain_trainer_with_callback(tmp_path):
     train, held = split_holdout(token_dataset(96), 16, seed=0)
     trainer = Trainer(
