@@ -37,6 +37,7 @@ METHODS = (
     "neq_fast",
     "neq_layer",
     "neq_control",
+    "neq_heldout",
     "freeze_bottom2",
     "lora",
     "neq_lora",
@@ -47,6 +48,7 @@ TABLE_ORDER = (
     "full",
     "neq_paper",
     "neq",
+    "neq_heldout",
     "neq_fast",
     "neq_layer",
     "neq_control",
@@ -78,6 +80,9 @@ NEQ_VARIANTS = {
     # a control: NEq's data pipeline (the held-out split carved out of training, the checks) with nothing ever at
     # rest, so nothing freezes; what a NEq run differs by from full fine-tuning besides freezing
     "neq_control": ["--eps_relative", "0"],
+    # the default with the held-out probes removed from training (the default before holdout_in_train): other
+    # training data and another batch order than the full run's
+    "neq_heldout": ["--holdout_in_train", "false"],
 }
 BASELINE = {
     "neq": "full",
@@ -88,6 +93,7 @@ BASELINE = {
     "neq_fast": "full",
     "neq_layer": "full",
     "neq_control": "full",
+    "neq_heldout": "full",
 }
 FREEZE_BOTTOM = "freeze_bottom"
 TASKS = ("sst2", "mrpc", "rte")
@@ -454,7 +460,12 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
         lines.append(
             f"- {method}: {rule}, mu {c['mu']:g}, layer_threshold {c.get('layer_threshold', 1.0):g}{extras}, a check "
             f"every {_every(c['check_every'], run['neq']['summary'].get('check_every'))} on "
-            f"{run['holdout_samples']} held-out training samples, which NEq runs do not train on."
+            f"{run['holdout_samples']} training samples, "
+            + (
+                "which NEq runs also train on (holdout_in_train)."
+                if c.get("holdout_in_train")
+                else "which NEq runs do not train on."
+            )
         )
     lines += [
         "- dev metric: mean ± sample standard deviation over seeds. train time: `Trainer` train_runtime (NEq's "

@@ -301,15 +301,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
-    held_out = None
+    held_out, train_samples = None, len(train_dataset)
     if use_neq:  # NEq: a held-out split carved from the training set (inputs only), as NEqTrainer does
-        train_dataset, held_out = split_holdout(
+        rest, held_out = split_holdout(
             train_dataset,
             neq_config.holdout_size,
             neq_config.holdout_seed,
             neq_config.holdout_min_samples,
             neq_config.holdout_max_samples,
         )
+        if not neq_config.holdout_in_train:  # else the probes are trained on too, as NEqTrainer does by default
+            train_dataset = rest
     trainable, total = count_parameters(model)
 
     collator = DataCollatorWithPadding(
@@ -451,7 +453,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "data_source": data.source,
         "max_train_samples": script_args.max_train_samples,
         "max_eval_samples": script_args.max_eval_samples,
-        "train_samples": len(train_dataset) + (len(held_out) if held_out is not None else 0),
+        "train_samples": train_samples,
         "trained_samples": len(train_dataset),
         "eval_samples": len(eval_dataset),
         "metrics": eval_metrics,

@@ -270,19 +270,24 @@ def shared_fraction(train_dataset, held_out) -> Optional[float]:
 
 
 def warn_if_trained_on(train_dataset, held_out) -> None:
-    """Warn when the held-out split is the training set itself or shares samples with it: equilibrium must be
-    measured on samples the model is not fitting."""
+    """Say when the held-out split is the training set itself (a warning: every check then runs over the whole
+    training set) or shares samples with it (information: allowed, as `NEqConfig.holdout_in_train` does)."""
     if train_dataset is not None and train_dataset is held_out:
-        fraction = 1.0
-    else:
-        fraction = shared_fraction(train_dataset, held_out)
+        logger.warning(
+            "NEq: the held-out split (neq_dataset) is the training set itself (%s samples): every check runs a "
+            "forward pass over all of it. A few hundred samples measure equilibrium as well (see "
+            "NEqConfig.holdout_min_samples): pass `neq_hf.split_holdout(train_dataset, size=0.01)[1]`, or let "
+            "NEqTrainer carve one (leave neq_dataset unset).",
+            f"{len(held_out):,}" if hasattr(held_out, "__len__") else "all its",
+        )
+        return
+    fraction = shared_fraction(train_dataset, held_out)
     if fraction is None or fraction < OVERLAP_WARN_FRACTION:
         return
-    logger.warning(
-        "NEq: the held-out split (neq_dataset) %s the training set (about %.0f%% of its samples are trained on). The "
-        "held-out split must not be trained on: units look settled on samples the model is fitting. Carve it with "
-        "`train, held_out = neq_hf.split_holdout(train_dataset, size=0.01)` (which removes it from training), or "
-        "let NEqTrainer carve it (leave neq_dataset unset).",
-        "is" if train_dataset is held_out else "overlaps",
+    logger.info(
+        "NEq: about %.0f%% of the held-out samples (neq_dataset) are also trained on, as with "
+        "NEqConfig.holdout_in_train=True (NEqTrainer's default carve). To measure equilibrium on unseen samples "
+        "instead, carve the split with `train, held_out = neq_hf.split_holdout(train_dataset, size=0.01)`, which "
+        "removes it from training.",
         100 * fraction,
     )

@@ -90,7 +90,8 @@ class NEq:
         config ([`NEqConfig`], *optional*): NEq settings; defaults to `NEqConfig()`.
         holdout_dataset (`Dataset`, *optional*): the held-out split, tokenized like the training set (labels are
             ignored); every process reads its shard (samples ``rank, rank + world_size, ...``). Carve it with
-            [`split_holdout`] so that it is removed from training.
+            [`split_holdout`], and train on the whole training set (as `NEqTrainer` does by default,
+            `NEqConfig.holdout_in_train`) or on the rest it returns.
         data_collator (`Callable`, *optional*): padding collator for the held-out batches (default:
             `default_data_collator`).
         batch_size (`int`, *optional*): held-out batch size when `config.holdout_batch_size` is not set (default 8).

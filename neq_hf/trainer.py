@@ -22,9 +22,10 @@ class NEqTrainer(Trainer):
 
     Args:
         neq_config ([`NEqConfig`], *optional*): NEq settings; defaults to `NEqConfig()`.
-        neq_dataset (`Dataset`, *optional*): the held-out split (model inputs; labels are ignored); it must not be
-            trained on. When not given, `neq_config.holdout_size` samples are carved deterministically from
-            `train_dataset` and removed from it (at construction, or at `train()` when the training set comes later).
+        neq_dataset (`Dataset`, *optional*): the held-out split (model inputs; labels are ignored). When not given,
+            `neq_config.holdout_size` samples are carved deterministically from `train_dataset` (at construction, or
+            at `train()` when the training set comes later); they stay in it with `neq_config.holdout_in_train`
+            (the default) and are removed from it otherwise.
         peft_config (`peft.PeftConfig`, *optional*): wrap the model with this adapter config first (NEq then freezes
             adapter rows of frozen units).
 

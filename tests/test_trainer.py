@@ -256,12 +256,14 @@ def test_figures_are_logged_and_written(tmp_path):
 
 
 def test_holdout_is_removed_from_training(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, holdout_size=10))
+    trainer = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, holdout_size=10, holdout_in_train=False))
     assert len(trainer.train_dataset) == 86 and len(trainer.neq_dataset) == 10
     train_ids = {tuple(x) for x in trainer.train_dataset["input_ids"]}
     assert not any(tuple(x) in train_ids for x in trainer.neq_dataset["input_ids"])
-    again = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, holdout_size=10))
+    assert not trainer.neq_holdout_in_train
+    again = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, holdout_size=10))  # the default keeps them
     assert again.neq_dataset["input_ids"] == trainer.neq_dataset["input_ids"]
+    assert len(again.train_dataset) == 96 and again.neq_holdout_in_train
 
 
 def test_holdout_in_train_is_the_plain_run_until_something_freezes(tmp_path):
@@ -293,8 +295,11 @@ def test_holdout_in_train_is_the_plain_run_until_something_freezes(tmp_path):
     mine = dict(neq.model.named_parameters())
     for name, p in plain.model.named_parameters():
         assert torch.equal(p, mine[name]), name
-    # removed from training (the default), the data differ, and so does the run
-    removed = make_trainer(tmp_path, NEqConfig(eps_relative=0.0, min_loss_drop=0, check_every=2, holdout_size=16))
+    # removed from training, the data differ, and so does the run
+    removed = make_trainer(
+        tmp_path,
+        NEqConfig(eps_relative=0.0, min_loss_drop=0, check_every=2, holdout_size=16, holdout_in_train=False),
+    )
     removed.train()
     assert not torch.equal(removed.model.classifier.weight, plain.model.classifier.weight)
 
