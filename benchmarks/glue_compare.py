@@ -77,9 +77,10 @@ NEQ_VARIANTS = {
     "neq_fast": ["--layer_threshold", "0.5", "--cache_frozen_prefix", "true"],
     # the default's decisions, whole layers only: no partly frozen tensor (no per-row bookkeeping)
     "neq_layer": ["--granularity", "layer"],
-    # a control: NEq's data pipeline (the held-out split carved out of training, the checks) with nothing ever at
-    # rest, so nothing freezes; what a NEq run differs by from full fine-tuning besides freezing
-    "neq_control": ["--eps_relative", "0"],
+    # a control: NEq's data pipeline with the held-out split carved out of training, the checks, and nothing ever at
+    # rest, so nothing freezes: what removing the probes from training costs (with them kept in training, the
+    # default, such a run is the full run bit for bit: tests/test_trainer.py)
+    "neq_control": ["--eps_relative", "0", "--holdout_in_train", "false"],
     # the default with the held-out probes removed from training (the default before holdout_in_train): other
     # training data and another batch order than the full run's
     "neq_heldout": ["--holdout_in_train", "false"],
@@ -108,7 +109,8 @@ METRIC_TITLES = {
     "spearmanr": "Spearman",
 }
 SOURCES = {"glue_dir": "the original GLUE TSV files (--glue_dir)", "hub": "nyu-mll/glue from the Hub"}
-README_START, README_END = "<!-- glue-results:start -->", "<!-- glue-results:end -->"
+README_BLOCK = "glue-results"
+README_START, README_END = f"<!-- {README_BLOCK}:start -->", f"<!-- {README_BLOCK}:end -->"
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -162,6 +164,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         nargs="?",
         const=os.path.join(ROOT, "README.md"),
         help=f"Also replace the block between {README_START} and {README_END} in this README (default: the repo's).",
+    )
+    p.add_argument(
+        "--readme_block",
+        default=README_BLOCK,
+        help="Name of the README block --readme replaces (<!-- NAME:start --> ... <!-- NAME:end -->); e.g. glue-long.",
     )
     p.add_argument("--dry_run", action="store_true", help="Print the commands of the missing runs, run nothing.")
     return p.parse_args(argv)
@@ -480,18 +487,17 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(path: str, table: str) -> None:
-    """Replace what is between the glue-results markers in ``path``, and nothing else."""
+def update_readme(path: str, table: str, block: str = README_BLOCK) -> None:
+    """Replace what is between the ``block`` markers (glue-results by default) in ``path``, and nothing else."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--readme {path}: no such file.")
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    start, end = text.find(README_START), text.find(README_END)
+    first, last = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+    start, end = text.find(first), text.find(last)
     if start == -1 or end < start:
-        raise ValueError(
-            f"{path} has no {README_START} ... {README_END} block: add the two markers where the GLUE table goes."
-        )
-    text = text[: start + len(README_START)] + "\n" + table.rstrip("\n") + "\n" + text[end:]
+        raise ValueError(f"{path} has no {first} ... {last} block: add the two markers where the GLUE table goes.")
+    text = text[: start + len(first)] + "\n" + table.rstrip("\n") + "\n" + text[end:]
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -508,8 +514,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         f.write("# GLUE: full fine-tuning, NEq, LoRA and NEq + LoRA\n\n" + table)
     print(f"Wrote {args.table}")
     if args.readme:
-        update_readme(args.readme, table)
-        print(f"Updated the GLUE block of {args.readme}")
+        update_readme(args.readme, table, args.readme_block)
+        print(f"Updated the {args.readme_block} block of {args.readme}")
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -94,9 +94,10 @@ def render(args) -> str:
                 lines.append("| " + " | ".join(row) + " |")
     for name in VARIATIONS:
         runs = _load(os.path.join(args.results_dir, name))
-        # where present: neq_fast (the fastest recommended setting), neq_control (NEq's held-out carve and checks,
-        # nothing frozen: the spread that is not freezing's) and freeze_bottom2 (what a fixed freeze costs there)
-        for method in ("neq", "neq_fast", "neq_control", "freeze_bottom2"):
+        # where present: neq_heldout (the default with the probes removed from training), neq_fast (the fastest
+        # recommended setting), neq_control (the held-out probes removed from training, the checks, nothing frozen:
+        # the spread that is not freezing's) and freeze_bottom2 (what a fixed freeze costs there)
+        for method in ("neq", "neq_heldout", "neq_fast", "neq_control", "freeze_bottom2"):
             row = _row(f"MiniLM SST-2, full, {name.replace('_x', ' ×')}", runs, "full", method)
             if row:
                 lines.append("| " + " | ".join(row) + " |")

@@ -322,8 +322,10 @@ def test_main_end_to_end(tiny_bert, mrpc_dir, tmp_path, method, capsys):
         assert saved["trainable_parameters"] < saved["total_parameters"] / 2
         assert saved["lora"]["target_modules"] == ["query", "value"]
     if method.startswith("neq"):
-        assert saved["trained_samples"] == 32 and saved["holdout_samples"] == 8
-        assert saved["train_steps"] == 4 and saved["neq"]["summary"]["checks"] == 4
+        # the held-out probes stay in training (NEqConfig.holdout_in_train)
+        assert saved["trained_samples"] == 40 and saved["holdout_samples"] == 8
+        assert saved["neq"]["summary"]["holdout_in_train"]
+        assert saved["train_steps"] == 5 and saved["neq"]["summary"]["checks"] == 5
         assert "final_frozen_fraction/heads" in saved["neq"]["summary"]
         assert saved["neq"]["heatmap"] == "neq_frozen_heatmap.png" and (out / "neq_frozen_heatmap.png").exists()
         assert (out / "neq_history.json").exists()
@@ -342,7 +344,7 @@ def test_main_end_to_end(tiny_bert, mrpc_dir, tmp_path, method, capsys):
     assert "More information needed" not in card
     assert f"\n# {os.path.basename(tiny_bert)}-mrpc-{method}\n" in card  # not the output folder's name
     if method.startswith("neq"):
-        assert "frozen units at the end:" in summary and "check overhead: 4 checks on 8 held-out" in summary
+        assert "frozen units at the end:" in summary and "check overhead: 5 checks on 8 held-out" in summary
         assert f"frozen-fraction heatmap: {out / 'neq_frozen_heatmap.png'}" in summary
         # The per-check line a human reads is short; the full figures stay in the history.
         per_check = [line for line in printed.splitlines() if "'neq/frozen_fraction'" in line]
@@ -456,3 +458,10 @@ def test_harness_table_and_readme_block(tmp_path):
     readme.write_text("# No markers\n")
     with pytest.raises(ValueError, match="glue-results:start"):
         glue_compare.update_readme(str(readme), table)
+    # another block (the longer run's) by name, the first one left alone
+    readme.write_text(
+        f"{glue_compare.README_START}\nA\n{glue_compare.README_END}\n<!-- glue-long:start -->\nB\n<!-- glue-long:end -->\n"
+    )
+    glue_compare.update_readme(str(readme), table, "glue-long")
+    text = readme.read_text()
+    assert "\nA\n" in text and "\nB\n" not in text and text.index(rows["neq"]) > text.index("glue-long:start")

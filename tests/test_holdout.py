@@ -84,6 +84,8 @@ def test_neq_trainer_carves_with_the_config_floor_and_cap(tmp_path):
     assert len(carve().neq_dataset) == 19
     assert len(carve(holdout_min_samples=8).neq_dataset) == 8
     trainer = carve(holdout_size=0.5, holdout_min_samples=2, holdout_max_samples=12)
+    assert (len(trainer.neq_dataset), len(trainer.train_dataset)) == (12, 96)  # kept in training (the default)
+    trainer = carve(holdout_size=0.5, holdout_min_samples=2, holdout_max_samples=12, holdout_in_train=False)
     assert (len(trainer.neq_dataset), len(trainer.train_dataset)) == (12, 84)
 
 

@@ -226,7 +226,11 @@ def test_trainer_card_names_the_model_and_describes_the_run(neq_trainer):
     assert card.data.base_model == "org/tiny-bert" and card.data.model_name == "tiny-bert-mrpc-neq"
     assert "\n# tiny-bert-mrpc-neq\n" in text and "More information needed" not in text
     trained = len(neq_trainer.train_dataset)
-    assert f"Training: {trained:,} samples of GLUE MRPC; {len(neq_trainer.neq_dataset):,} further samples" in text
+    held = len(neq_trainer.neq_dataset)
+    assert neq_trainer.neq_holdout_in_train  # the default: the probes are among the training samples
+    assert (
+        f"Training: {trained:,} samples of GLUE MRPC; NEq's equilibrium checks watched the outputs of {held:,}" in text
+    )
 
 
 def test_card_says_whether_the_held_out_samples_were_trained_on():

@@ -167,7 +167,7 @@ def test_example_one_process(tiny_bert0, mrpc_dir, tmp_path, capsys):  # noqa: F
     out = tmp_path / "run"
     results = glue_no_trainer.main(example_args(tiny_bert0, mrpc_dir, out, "--per_device_train_batch_size", "8"))
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
-    assert (results["world_size"], results["train_steps"], results["neq"]["summary"]["checks"]) == (1, 8, 4)
+    assert (results["world_size"], results["train_steps"], results["neq"]["summary"]["checks"]) == (1, 10, 5)
     history = json.loads((out / "neq_history.json").read_text())["checks"]
     assert [h["step"] for h in history] == [0, 2, 4, 6, 8]
     assert (out / "neq_frozen_heatmap.png").is_file() and (out / "model.safetensors").is_file()
@@ -199,9 +199,9 @@ def test_example_two_processes_and_resume(tiny_bert0, mrpc_dir, tmp_path):  # no
     assert_ok(run_script(EXAMPLE, example_args(tiny_bert0, mrpc_dir, full, "--checkpointing_steps", "4")))
     results = json.loads((full / "results.json").read_text())
     assert (results["world_size"], results["loop"], results["method"]) == (2, "accelerate", "neq")
-    # 32 training samples after the 8 held out, 2 processes x 4 per step: 4 steps per epoch.
-    assert (results["trained_samples"], results["holdout_samples"], results["train_steps"]) == (32, 8, 8)
-    assert results["neq"]["summary"]["checks"] == 4 and set(results["metrics"]) == {"accuracy", "f1"}
+    # 40 training samples (the 8 held out stay in training), 2 processes x 4 per step: 5 steps per epoch.
+    assert (results["trained_samples"], results["holdout_samples"], results["train_steps"]) == (40, 8, 10)
+    assert results["neq"]["summary"]["checks"] == 5 and set(results["metrics"]) == {"accuracy", "f1"}
     card = (full / "README.md").read_text(encoding="utf-8")
     assert "<!-- neq-section:start -->" in card and "- neq" in card and "](neq_frozen_heatmap.png)" in card
     assert (full / "neq_frozen_heatmap.png").is_file() and (full / "step_4" / "custom_checkpoint_0.pkl").is_file()
