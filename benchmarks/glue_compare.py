@@ -334,7 +334,7 @@ def _unique(values) -> list:
     return out
 
 
-def render_table(results: list[dict]) -> str:
+def render_table(results: list[dict], results_dir: str = "benchmarks/results/glue") -> str:
     """The Markdown table and the text block saying how the numbers were made."""
     if not results:
         return "No GLUE results yet: run `python benchmarks/glue_compare.py`.\n"
@@ -397,10 +397,10 @@ def render_table(results: list[dict]) -> str:
                 )
                 + " |"
             )
-    return "\n".join(lines) + "\n\n" + describe(results, tasks, groups)
+    return "\n".join(lines) + "\n\n" + describe(results, tasks, groups, results_dir)
 
 
-def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
+def describe(results: list[dict], tasks: list[str], groups: dict, results_dir: str = "benchmarks/results/glue") -> str:
     """How the table was made, from what the result files recorded."""
     commands = _unique(r["harness"]["command"] for r in results if "harness" in r)
     first = results[0]
@@ -428,7 +428,7 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
     )
     command = "; ".join(f"`{c}`" for c in commands) if commands else "`python benchmarks/glue_compare.py`"
     lines = [
-        "How these numbers were made (all recorded in `benchmarks/results/glue/*.json`):",
+        f"How these numbers were made (all recorded in `{results_dir}/*.json`):",
         "",
         f"- Command: {command}",
         f"- Model: {first.get('base_model') or first['model']}; device: {', '.join(_unique(r['device'] for r in results))}.",
@@ -460,7 +460,8 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
         if c.get("min_loss_drop"):
             gates = [r["neq"]["summary"].get("gate_step") for r in results if r["method"] == method and "neq" in r]
             opened = sorted(g for g in gates if g is not None)
-            when = f"opened at step {opened[0]}–{opened[-1]} of the runs" if opened else "never opened"
+            span = f"{opened[0]}–{opened[-1]}" if opened and opened[0] != opened[-1] else (opened or ["?"])[0]
+            when = f"opened at step {span} of the runs" if opened else "never opened"
             if opened and len(opened) < len(gates):
                 when += f", never in {len(gates) - len(opened)}"
             extras += f", no freezing before the training loss dropped by {c['min_loss_drop']:g} ({when})"
@@ -478,7 +479,7 @@ def describe(results: list[dict], tasks: list[str], groups: dict) -> str:
         "- dev metric: mean ± sample standard deviation over seeds. train time: `Trainer` train_runtime (NEq's "
         "held-out checks included); time ratio: mean train time over that of full (and, for neq_lora, of lora) "
         "fine-tuning on the same task; CPU time ratio: the same with the process CPU time of training, which other load on "
-        "the machine barely moves. step: mean optimizer step time (forward, backward, update; no checks).",
+        "the machine moves far less than the wall time (a few %). step: mean optimizer step time (forward, backward, update; no checks).",
         "- trainable params: at the start → at the last NEq check. peak memory: "
         + ", ".join(_unique(r["peak_memory_source"] for r in results))
         + ". final frozen: fraction of units frozen at the last check.",
@@ -508,7 +509,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = [] if args.table_only else run_grid(args, argv)
     if args.dry_run:
         return 0
-    table = render_table(load_results(args.results_dir))
+    shown = os.path.relpath(os.path.abspath(args.results_dir), ROOT)
+    table = render_table(load_results(args.results_dir), shown if not shown.startswith("..") else args.results_dir)
     os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
     with open(args.table, "w", encoding="utf-8") as f:
         f.write("# GLUE: full fine-tuning, NEq, LoRA and NEq + LoRA\n\n" + table)
