@@ -169,7 +169,7 @@ def test_example_one_process(tiny_bert0, mrpc_dir, tmp_path, capsys):  # noqa: F
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     assert (results["world_size"], results["train_steps"], results["neq"]["summary"]["checks"]) == (1, 10, 5)
     history = json.loads((out / "neq_history.json").read_text())["checks"]
-    assert [h["step"] for h in history] == [0, 2, 4, 6, 8]
+    assert [h["step"] for h in history] == [0, 2, 4, 6, 8, 10]
     assert (out / "neq_frozen_heatmap.png").is_file() and (out / "model.safetensors").is_file()
     assert "<!-- neq-section:start -->" in (out / "README.md").read_text(encoding="utf-8")
     assert "== Run summary: mrpc · neq" in capsys.readouterr().out
