@@ -33,8 +33,8 @@ class NEqTrainerCallback(TrainerCallback):
     Args:
         neq_config ([`NEqConfig`], *optional*): NEq settings; defaults to `NEqConfig()`.
         neq_dataset (`Dataset`, *optional*): the held-out split, tokenized like the training set (labels are
-            ignored). Required with a plain `Trainer`: carve one with [`split_holdout`] so that it is removed from
-            training. [`NEqTrainer`] carves it for you.
+            ignored). Required with a plain `Trainer`: carve one with [`split_holdout`] (and train on the whole set,
+            as [`NEqTrainer`] does by default, or on the rest it returns). [`NEqTrainer`] carves it for you.
         data_collator (`Callable`, *optional*): collator for the held-out batches; defaults to the one of the
             training dataloader.
 
