@@ -460,8 +460,10 @@ def describe(results: list[dict], tasks: list[str], groups: dict, results_dir: s
         if c.get("min_loss_drop"):
             gates = [r["neq"]["summary"].get("gate_step") for r in results if r["method"] == method and "neq" in r]
             opened = sorted(g for g in gates if g is not None)
-            span = f"{opened[0]}–{opened[-1]}" if opened and opened[0] != opened[-1] else (opened or ["?"])[0]
-            when = f"opened at step {span} of the runs" if opened else "never opened"
+            when = "never opened"
+            if opened:
+                span = f"{opened[0]}–{opened[-1]}" if opened[0] != opened[-1] else f"{opened[0]}"
+                when = f"opened at step {span} of the runs"
             if opened and len(opened) < len(gates):
                 when += f", never in {len(gates) - len(opened)}"
             extras += f", no freezing before the training loss dropped by {c['min_loss_drop']:g} ({when})"
