@@ -363,7 +363,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         )
     if neq is not None:
         # NEq: resolve the check schedule and record the reference outputs (skipped when resuming).
-        neq.setup(max_steps=max_steps, num_epochs=num_epochs if args.max_train_steps is None else None)
+        neq.setup(
+            max_steps=max_steps,
+            num_epochs=num_epochs if args.max_train_steps is None else None,
+            samples_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        )
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     metric, metric_source = build_metric(data.task, data.is_regression)

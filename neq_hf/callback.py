@@ -127,7 +127,11 @@ class NEqTrainerCallback(TrainerCallback):
         if state.global_step > 0:  # resuming
             folder = self.resume_from_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             engine.load_checkpoint(folder)
-        engine.setup(max_steps=state.max_steps, num_epochs=num_epochs)  # reference check unless resumed
+        engine.setup(  # the reference check unless resumed
+            max_steps=state.max_steps,
+            num_epochs=num_epochs,
+            samples_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        )
         return control
 
     def _cannot_act(self, reason: str) -> None:

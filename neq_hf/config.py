@@ -68,7 +68,16 @@ class NEqConfig:
         check_every (`str` or `int`, defaults to `"auto"`):
             When to run the held-out check: `"auto"` (every 5% of the run's optimizer steps, i.e. 20 checks, so that
             the velocity's scale does not depend on the length of the run and the first decision comes at 10% of
-            it), `"epoch"`, or a number of optimizer steps.
+            it; fewer where they would cost more than `check_budget`), `"epoch"`, or a number of optimizer steps.
+        check_budget (`float`, defaults to `0.25`):
+            With `check_every="auto"`, space the checks so that their held-out forward passes cost at most this
+            fraction of the training compute, estimated from sample counts: a check reads the held-out samples once
+            (forward only), an optimizer step its `per_device_train_batch_size x gradient_accumulation_steps` samples
+            about 3 times (forward and backward; 2 with LoRA, which computes no weight gradient of the base model).
+            The interval is widened where 20 checks would cost more (a held-out split large against the training
+            batch, or a short LoRA run: SmolLM2-135M with 64 held-out sentences and batches of 16 spent 41% of its
+            time in checks every 3 steps), but never below 5 checks per run. `0` disables it. Needs the training
+            batch (`NEqTrainer` and `NEqTrainerCallback` pass it; see `NEq.setup`).
         holdout_size (`float`, defaults to `0.01`):
             Size of the held-out split carved from the training set: a fraction in (0, 1), or a number of samples
             (>= 1; `1.0` is refused as ambiguous). Ignored when a held-out dataset is given explicitly.
@@ -181,7 +190,17 @@ class NEqConfig:
     )
     check_every: str = field(
         default="auto",
-        metadata={"help": "Held-out check schedule: 'auto' (20 checks per run), 'epoch' or a number of steps."},
+        metadata={
+            "help": "Held-out check schedule: 'auto' (20 checks per run, fewer if over check_budget), 'epoch' or a "
+            "number of steps."
+        },
+    )
+    check_budget: float = field(
+        default=0.25,
+        metadata={
+            "help": "With check_every='auto', the most the checks may cost as a fraction of the training compute "
+            "(estimated from sample counts; 0: no limit)."
+        },
     )
     holdout_size: float = field(
         default=0.01,
@@ -316,6 +335,9 @@ class NEqConfig:
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
             bad("warmup", "expected an integer >= 1 (the velocity needs two checks after the reference)")
         self.check_every = self._parse_check_every(self.check_every)
+        cb = self.check_budget
+        if isinstance(cb, bool) or not isinstance(cb, (int, float)) or not 0 <= cb <= 1:
+            bad("check_budget", "expected a fraction with 0 <= check_budget <= 1 (0: no limit)")
         size = self.holdout_size
         if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
             bad("holdout_size", "expected a fraction in (0, 1) or a sample count >= 1")

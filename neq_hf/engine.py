@@ -5,7 +5,7 @@ directly:
 
 ```python
 neq = NEq(model, NEqConfig(), held_out, data_collator=collator)  # model: after accelerator.prepare
-neq.setup(max_steps=num_training_steps)  # resolves the schedule, records the reference outputs
+neq.setup(max_steps=num_training_steps, samples_per_step=batch_size)  # the schedule; the reference outputs
 accelerator.register_for_checkpointing(neq)  # optional: save_state/load_state carry NEq's state
 for step, batch in enumerate(train_dataloader, start=1):
     accelerator.backward(model(**batch).loss)
@@ -45,6 +45,7 @@ from .freezing import Freezer
 from .holdout import (
     OutputRecorder,
     build_holdout_loader,
+    count_reference_rows,
     holdout_order,
     model_input_names,
     plan_reference,
@@ -52,7 +53,7 @@ from .holdout import (
 )
 from .prefix_cache import FrozenPrefixCache
 from .tracker import EquilibriumTracker
-from .units import UnitMap, discover_units
+from .units import UnitMap, discover_units, lora_in_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ STATE_NAME = "neq_state_rank{rank}.pt"
 CONFIG_NAME = "neq_config.json"
 HISTORY_NAME = "neq_history.json"
 AUTO_CHECKS = 20  # checks per run with check_every='auto': the first decision comes at 10% of the run
+# NEqConfig.check_budget never leaves fewer checks than this in a run (the reference, the warmup and three decisions)
+MIN_BUDGET_CHECKS = 5
 STATE_FORMAT = 1
 # Guard rails against a collapsed run (a criterion far too loose for the regime): more than this fraction of units
 # frozen at the first decision, or more than COLLAPSE_FROZEN frozen while the training loss stays within
@@ -211,6 +214,7 @@ class NEq:
                 self.model, self.unit_map.layer_list, max_megabytes=mb, serve_training=False
             )
         self.check_every: Union[int, str] = self.config.check_every  # "auto" is resolved by setup()
+        self._check_cost_steps: Optional[float] = None  # a check's estimated cost in optimizer steps (setup)
         self.check_seconds = 0.0
         self.train_seconds = 0.0
         self._clock: Optional[float] = None
@@ -224,15 +228,25 @@ class NEq:
         self.warnings: list[str] = []  # every guard-rail message of this run (also in the summary)
 
     # -- setup ----------------------------------------------------------------------------------------------------
-    def setup(self, max_steps: Optional[int] = None, num_epochs: Optional[int] = None) -> NEq:
+    def setup(
+        self,
+        max_steps: Optional[int] = None,
+        num_epochs: Optional[int] = None,
+        samples_per_step: Optional[int] = None,
+    ) -> NEq:
         """Resolve the check schedule, start the training clock and record the reference outputs (check 0) unless
         a state was loaded. Call it before the first optimizer step, on every process.
 
         Args:
             max_steps: optimizer steps of the run (resolves `check_every="auto"`, validates the schedule).
             num_epochs: epochs of the run, when it is bounded by epochs (validates `check_every="epoch"`).
+            samples_per_step: training samples one optimizer step reads on this process (per-device batch size x
+                gradient accumulation steps); with `check_every="auto"` it bounds the checks' cost by
+                `NEqConfig.check_budget`. `None`: no bound.
         """
-        self.check_every = resolve_schedule(self.config, max_steps, num_epochs)
+        cost = self.check_cost_steps(samples_per_step)
+        self.check_every = resolve_schedule(self.config, max_steps, num_epochs, check_cost_steps=cost)
+        self._check_cost_steps = cost
         self._resolve_granularity()  # the model may have moved since NEq was built
         self._max_steps = max_steps
         if self.prefix_cache is not None:  # (again after close(): a resumed run rebuilds the cache)
@@ -247,6 +261,19 @@ class NEq:
         if self.tracker.t == 0:
             self.run_check(0, 0.0)  # the reference outputs
         return self
+
+    def check_cost_steps(self, samples_per_step: Optional[int]) -> Optional[float]:
+        """What one held-out check costs in optimizer steps, estimated from sample counts (see
+        `NEqConfig.check_budget`): this process's held-out samples, read forward once, against `samples_per_step`
+        read forward and backward (x3; x2 with LoRA). The largest value over the processes, so that they agree on
+        the schedule. `None` when `samples_per_step` is."""
+        if not samples_per_step or samples_per_step < 1:
+            return None
+        per_step = samples_per_step * (2 if lora_in_model(self.model) else 3)
+        held = count_reference_rows(self.loader, "mean")
+        if _distributed():
+            held = _max_across_processes(held, reduce_device(self._device()))
+        return held / per_step
 
     def _resolve_granularity(self) -> None:
         if self.config.granularity == "auto":
@@ -666,6 +693,8 @@ class NEq:
             "check_seconds": self.check_seconds,
             "train_seconds": train_seconds,
             "check_time_fraction": self.check_seconds / train_seconds if train_seconds else None,
+            # NEqConfig.check_budget: a check's cost in optimizer steps, estimated from sample counts
+            "check_cost_steps_estimate": self._check_cost_steps,
             "reference_megabytes": self.tracker.reference_bytes() / 2**20,
             "holdout_samples": self.holdout_size,
             "granularity": self.tracker.granularity,
@@ -724,12 +753,24 @@ def _skips_step(optimizer) -> bool:
     return state is not None and not state.sync_gradients
 
 
-def resolve_schedule(config: NEqConfig, max_steps: Optional[int], num_epochs: Optional[int]) -> Union[int, str]:
-    """The check interval of a run (`"auto"` becomes `AUTO_CHECKS` checks per run); raises a `ValueError` when the run
-    is too short for a single decision."""
+def resolve_schedule(
+    config: NEqConfig,
+    max_steps: Optional[int],
+    num_epochs: Optional[int],
+    check_cost_steps: Optional[float] = None,
+) -> Union[int, str]:
+    """The check interval of a run; raises a `ValueError` when the run is too short for a single decision.
+
+    `"auto"` becomes `AUTO_CHECKS` checks per run, spaced further apart where they would cost more than
+    `config.check_budget` of the training compute (a check costing `check_cost_steps` optimizer steps; see
+    `NEq.check_cost_steps`), but not beyond `MIN_BUDGET_CHECKS` checks per run.
+    """
     every = config.check_every
     if every == "auto":
         every = max(1, round(max_steps / AUTO_CHECKS)) if max_steps and max_steps > 0 else "epoch"
+        if every != "epoch" and check_cost_steps and config.check_budget > 0:
+            needed = math.ceil(check_cost_steps / config.check_budget - 1e-9)
+            every = max(every, min(needed, max_steps // MIN_BUDGET_CHECKS))
     if every == "epoch":
         n_checks, what = num_epochs, f"num_train_epochs={num_epochs}"
     else:

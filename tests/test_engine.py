@@ -203,6 +203,42 @@ def test_schedule_resolution():
         resolve_schedule(NEqConfig(min_loss_drop=0, check_every="epoch"), None, 1)
 
 
+def test_check_budget_spaces_costly_checks():
+    config = NEqConfig(min_loss_drop=0)  # check_budget 0.25
+    # a check costing half a step: 20 checks every 5 steps cost 10% of the run, within the budget
+    assert resolve_schedule(config, 100, None, check_cost_steps=0.5) == 5
+    # 2.4 steps a check (64 held-out samples, LoRA batches of 16, measured on SmolLM2): widened to cost <= 25%
+    assert resolve_schedule(config, 100, None, check_cost_steps=2.4) == 10
+    assert resolve_schedule(config, 1000, None, check_cost_steps=2.4) == 50  # 20 checks cost less than that
+    # but never below 5 checks per run
+    assert resolve_schedule(config, 58, None, check_cost_steps=2.4) == 10
+    assert resolve_schedule(config, 40, None, check_cost_steps=2.4) == 8
+    assert resolve_schedule(config, 100, None, check_cost_steps=100.0) == 20
+    # a budget exactly met is not exceeded
+    assert resolve_schedule(config, 100, None, check_cost_steps=2.5) == 10
+    # 0 disables it; explicit schedules and "epoch" are taken as given
+    assert resolve_schedule(NEqConfig(min_loss_drop=0, check_budget=0), 100, None, check_cost_steps=2.4) == 5
+    assert resolve_schedule(NEqConfig(min_loss_drop=0, check_every=3), 100, None, check_cost_steps=2.4) == 3
+    assert resolve_schedule(config, None, 3, check_cost_steps=2.4) == "epoch"
+
+
+def test_check_cost_is_estimated_from_sample_counts():
+    from peft import LoraConfig, get_peft_model
+
+    config = NEqConfig(min_loss_drop=0)
+    held = token_dataset(24, seed=1234, with_labels=False)
+    full = NEq(tiny_classifier(), config, held, data_collator=pad_collator, batch_size=5)
+    assert full.check_cost_steps(None) is None
+    assert full.check_cost_steps(8) == pytest.approx(24 / (3 * 8))  # forward + backward of every weight
+    full.setup(max_steps=100, samples_per_step=8)
+    assert full.check_every == 5 and full.summary()["check_cost_steps_estimate"] == pytest.approx(1.0)
+    full.setup(max_steps=100, samples_per_step=2)  # 4 steps a check: every 16 steps keeps them at 25%
+    assert full.check_every == 16
+    lora = get_peft_model(tiny_classifier(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    held_lora = NEq(lora, config, held, data_collator=pad_collator, batch_size=5)
+    assert held_lora.check_cost_steps(8) == pytest.approx(24 / (2 * 8))  # no weight gradient of the base model
+
+
 def test_close_releases_the_model():
     model = tiny_classifier()
     neq = engine(

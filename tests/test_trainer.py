@@ -443,8 +443,19 @@ def test_unsupported_model(tmp_path):
 
 
 def test_auto_schedule_makes_twenty_checks(tmp_path):
-    trainer = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, check_every="auto", holdout_size=16), max_steps=40)
+    config = NEqConfig(min_loss_drop=0, check_every="auto", holdout_size=16, check_budget=0)
+    trainer = make_trainer(tmp_path, config, max_steps=40)
     trainer.train()
     steps = [h["step"] for h in trainer.neq_callback.tracker.history]
     assert steps == list(range(0, 41, 2))  # the reference, then every 5% of the run
     assert trainer.neq_summary()["check_every"] == 2
+
+
+def test_auto_schedule_keeps_the_checks_within_their_budget(tmp_path):
+    # 16 held-out samples read once against batches of 8 read forward and backward: a check costs 2/3 of a step,
+    # so checks every 2 steps would cost a third of the run; every 3 steps keeps them within check_budget=0.25
+    trainer = make_trainer(tmp_path, NEqConfig(min_loss_drop=0, holdout_size=16), max_steps=40)
+    trainer.train()
+    assert [h["step"] for h in trainer.neq_callback.tracker.history] == list(range(0, 41, 3))
+    summary = trainer.neq_summary()
+    assert summary["check_every"] == 3 and summary["check_cost_steps_estimate"] == pytest.approx(16 / 24)
