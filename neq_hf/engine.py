@@ -244,7 +244,9 @@ class NEq:
                 gradient accumulation steps); with `check_every="auto"` it bounds the checks' cost by
                 `NEqConfig.check_budget`. `None`: no bound.
         """
-        cost = self.check_cost_steps(samples_per_step)
+        # only the automatic schedule has a budget: no pass over the held-out loader, no collective otherwise
+        budgeted = self.config.check_every == "auto" and self.config.check_budget > 0
+        cost = self.check_cost_steps(samples_per_step) if budgeted else None
         self.check_every = resolve_schedule(self.config, max_steps, num_epochs, check_cost_steps=cost)
         self._check_cost_steps = cost
         self._resolve_granularity()  # the model may have moved since NEq was built
@@ -270,7 +272,9 @@ class NEq:
         if not samples_per_step or samples_per_step < 1:
             return None
         per_step = samples_per_step * (2 if lora_in_model(self.model) else 3)
-        held = count_reference_rows(self.loader, "mean")
+        # one row per held-out sample with mean pooling: the count made when the reference was sized
+        rows = self.tracker.reference_rows if self.config.token_pooling == "mean" else None
+        held = rows if rows is not None else count_reference_rows(self.loader, "mean")
         if _distributed():
             held = _max_across_processes(held, reduce_device(self._device()))
         return held / per_step
