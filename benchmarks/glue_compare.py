@@ -35,7 +35,7 @@ METHODS = (
     "full",
     "neq",
     "neq_fast",
-    "neq_layer",
+    "neq_unit",
     "neq_control",
     "neq_heldout",
     "freeze_bottom2",
@@ -50,7 +50,7 @@ TABLE_ORDER = (
     "neq",
     "neq_heldout",
     "neq_fast",
-    "neq_layer",
+    "neq_unit",
     "neq_control",
     "freeze_bottom2",
     "freeze_bottom3",
@@ -71,12 +71,15 @@ NEQ_VARIANTS = {
         "12",
         "--min_loss_drop",
         "0",
+        "--granularity",
+        "unit",
     ],  # fmt: skip
     # the fastest setting recommended: whole layers freeze once half of their units are at rest, and the frozen-prefix
     # cache
     "neq_fast": ["--layer_threshold", "0.5", "--cache_frozen_prefix", "true"],
-    # the default's decisions, whole layers only: no partly frozen tensor (no per-row bookkeeping)
-    "neq_layer": ["--granularity", "layer"],
+    # the default's decisions, units at equilibrium frozen as well as whole layers (the default before whole layers
+    # only)
+    "neq_unit": ["--granularity", "unit"],
     # a control: NEq's data pipeline with the held-out split carved out of training, the checks, and nothing ever at
     # rest, so nothing freezes: what removing the probes from training costs (with them kept in training, the
     # default, such a run is the full run bit for bit: tests/test_trainer.py)
@@ -92,7 +95,7 @@ BASELINE = {
     "freeze_bottom3": "full",
     "neq_paper": "full",
     "neq_fast": "full",
-    "neq_layer": "full",
+    "neq_unit": "full",
     "neq_control": "full",
     "neq_heldout": "full",
 }
