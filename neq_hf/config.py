@@ -45,9 +45,10 @@ class NEqConfig:
 
         layer_threshold (`float`, defaults to `0.9`):
             Structured freezing: a whole layer freezes when at least this fraction of its units is at equilibrium and
-            every layer below it is frozen (so backward stops at it). `1.0` is per-unit freezing only. Lower values
-            freeze sooner and save more, at a risk to accuracy in short runs (`0.5` lost 10 points of SST-2 accuracy
-            in a one-epoch run where `0.9` lost as much as freezing the bottom two layers from the start: README,
+            every layer below it is frozen (so backward stops at it). `1.0` with `granularity="unit"` is per-unit
+            freezing only. Lower values freeze sooner and save more, at a risk to accuracy in short runs (`0.5` lost
+            10 points of SST-2 accuracy in a one-epoch run where `0.9` lost as much as freezing the bottom two layers
+            from the start: README,
             "Does the default hold in every regime?").
         granularity (`str`, defaults to `"layer"`):
             What freezes: `"layer"`, only whole layers, from the bottom up, by `layer_threshold`: no partly frozen

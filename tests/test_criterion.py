@@ -109,7 +109,9 @@ def test_a_frozen_unit_stays_frozen_while_its_output_does_not_move(criterion):
     """Freezing stops a unit's own updates, so its phi jumps to 1 and its velocity spikes: under the relative rule
     that spike does not release it (only a moving output does); the absolute rule keeps the paper's |v| < eps."""
     unit_map = discover_units(tiny_classifier("bert"))
-    cfg = NEqConfig(min_loss_drop=0, criterion=criterion, eps=1e-3, eps_relative=0.1, layer_threshold=1.0)
+    cfg = NEqConfig(
+        min_loss_drop=0, criterion=criterion, eps=1e-3, eps_relative=0.1, layer_threshold=1.0, granularity="unit"
+    )
     tracker = EquilibriumTracker(unit_map, cfg)
     tracker.t = 1
     key = (0, "neurons")
@@ -230,18 +232,20 @@ def test_relative_rule_is_invariant_to_scaling_every_change():
         return {k: m.clone() for k, m in tracker.frozen.items()}
 
     total = sum(n.values())
-    relative = NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.5, layer_threshold=1.0)
+    relative = NEqConfig(
+        min_loss_drop=0, criterion="relative", eps_relative=0.5, layer_threshold=1.0, granularity="unit"
+    )
     ref = decisions(relative, 1.0)
     assert 0 < sum(int(m.sum()) for m in ref.values()) < total
     for c in (0.25, 1 / 64):
         assert all(torch.equal(ref[k], decisions(relative, c)[k]) for k in keys)
-    absolute = NEqConfig(min_loss_drop=0, criterion="absolute", eps=1e-3, layer_threshold=1.0)
+    absolute = NEqConfig(min_loss_drop=0, criterion="absolute", eps=1e-3, layer_threshold=1.0, granularity="unit")
     counts = [sum(int(m.sum()) for m in decisions(absolute, c).values()) for c in (1.0, 1 / 64)]
     assert counts[0] < counts[1]  # the absolute rule freezes more as the run moves less
 
 
 def test_layer_threshold_one_is_per_unit_freezing():
-    cfg = NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.3, layer_threshold=1.0)
+    cfg = NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.3, layer_threshold=1.0, granularity="unit")
     tracker = EquilibriumTracker(discover_units(tiny_classifier("bert")), cfg)
     feed = _Outputs(tracker)
     total = sum(tracker.num_units.values())

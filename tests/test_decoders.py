@@ -49,7 +49,13 @@ def run_with_masks(tmp_path, model, masks, collator=pad_collator, max_steps=6):
         train_dataset=token_dataset(96),
         data_collator=collator,
         neq_config=NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=0.0,
+            check_every=2,
+            holdout_size=16,
         ),
     )
     fixed = FixedMasks(trainer, masks)
@@ -194,7 +200,13 @@ def test_huge_eps_freezes_a_causal_lm_after_warmup(tmp_path, arch):
         train_dataset=token_dataset(96, with_labels=False),
         data_collator=lm_collator,
         neq_config=NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=1.0, check_every=2, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=1.0,
+            check_every=2,
+            holdout_size=16,
         ),
     )
     at = AtFreeze()
@@ -219,7 +231,13 @@ def test_eps_zero_freezes_nothing(tmp_path, arch):
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
         neq_config=NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=0.0,
+            check_every=2,
+            holdout_size=16,
         ),
     )
     before = snapshot(model)

@@ -100,7 +100,13 @@ def test_custom_loop_resume_with_accelerate_save_state(loop_run, tmp_path):
 # -- the engine on its own ------------------------------------------------------------------------------------------
 def engine(model, held=None, **kw) -> NEq:
     config = kw.pop("config", None) or NEqConfig(
-        min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.15, check_every=2, holdout_batch_size=5
+        min_loss_drop=0,
+        criterion="absolute",
+        layer_threshold=1.0,
+        granularity="unit",
+        eps=0.15,
+        check_every=2,
+        holdout_batch_size=5,
     )
     held = held if held is not None else token_dataset(24, seed=1234, with_labels=False)
     return NEq(model, config, held, data_collator=pad_collator, **kw)
@@ -242,7 +248,10 @@ def test_check_cost_is_estimated_from_sample_counts():
 def test_close_releases_the_model():
     model = tiny_classifier()
     neq = engine(
-        model, config=NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=1)
+        model,
+        config=NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=10.0, check_every=1
+        ),
     ).setup(max_steps=12)
     for step in (1, 2):
         neq.step_end(step)

@@ -31,7 +31,7 @@ def test_glue_neq_two_processes(tmp_path):
         str(ROOT / "examples" / "glue.py"),
         "--task_name", "sst2", "--glue_dir", str(GLUE), "--method", "neq", "--use_cpu",
         "--max_train_samples", "160", "--max_eval_samples", "32", "--max_seq_length", "32",
-        "--per_device_train_batch_size", "8", "--max_steps", str(steps), "--check_every", "2", "--eps", "0.01", "--criterion", "absolute", "--layer_threshold", "1",
+        "--per_device_train_batch_size", "8", "--max_steps", str(steps), "--check_every", "2", "--eps", "0.01", "--criterion", "absolute", "--layer_threshold", "1", "--granularity", "unit",
         "--min_loss_drop", "0",  # no progress gate: 8 steps on 144 sentences need not drop the loss by 10%
         "--holdout_size", "16", "--save_strategy", "steps", "--save_steps", str(steps), "--save_model", "false",
         "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(tmp_path),

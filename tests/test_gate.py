@@ -16,7 +16,8 @@ from neq_hf.units import discover_units
 
 def _engine(**config) -> NEq:
     # absolute rule with a huge eps: every unit is at equilibrium, so what freezes is decided by the gate alone
-    cfg = NEqConfig(criterion="absolute", eps=1e9, layer_threshold=1.0, check_every=2, **config)
+    config = {"criterion": "absolute", "eps": 1e9, "layer_threshold": 1.0, "granularity": "unit", **config}
+    cfg = NEqConfig(check_every=2, **config)
     return NEq(tiny_classifier("bert"), cfg, token_dataset(16, with_labels=False), data_collator=pad_collator)
 
 
@@ -191,11 +192,11 @@ def test_config_validates_the_new_fields():
     for field, value in (("granularity", "neuron"), ("min_loss_drop", 1.0), ("min_loss_drop", -0.1)):
         with pytest.raises(ValueError, match=f"NEqConfig.{field}="):
             NEqConfig(**{field: value})
-    assert NEqConfig().min_loss_drop == 0.1 and NEqConfig().granularity == "auto"
+    assert NEqConfig().min_loss_drop == 0.1 and NEqConfig().granularity == "layer"
 
 
 def test_auto_granularity_is_unit_on_cpu_and_layer_on_cuda_for_small_models(monkeypatch):
-    neq = _engine(min_loss_drop=0)
+    neq = _engine(min_loss_drop=0, granularity="auto")
     assert neq.tracker.granularity == "unit" and neq.summary()["granularity"] == "unit"  # the model is on CPU
     unit = _engine(min_loss_drop=0, granularity="unit")
     monkeypatch.setattr(NEq, "_device", lambda self: torch.device("cuda", 0))  # as if the model had moved to a GPU

@@ -199,7 +199,7 @@ def test_metric_falls_back_to_offline_when_evaluate_cannot_load(monkeypatch):
 # -- arguments --------------------------------------------------------------------------------------------------------
 def test_parser_takes_script_neq_and_trainer_flags(tmp_path):
     script, neq, training = glue.parse_args(
-        ["--task_name", "SST-2", "--method", "neq_lora", "--eps", "0.01", "--criterion", "absolute", "--layer_threshold", "1", "--check_every", "25", "--unit_kinds",
+        ["--task_name", "SST-2", "--method", "neq_lora", "--eps", "0.01", "--criterion", "absolute", "--layer_threshold", "1", "--granularity", "unit", "--check_every", "25", "--unit_kinds",
          "heads", "--holdout_seed", "7", "--seed", "3", "--output_dir", str(tmp_path), "--lora_target_modules", "query",
          "key", "--warmup_steps", "5"]
     )  # fmt: skip
@@ -220,7 +220,21 @@ def test_parser_takes_script_neq_and_trainer_flags(tmp_path):
         (["--train_file", "a.csv"], "--train_file and --validation_file go together"),
         (["--task_name", "rte", "--glue_dir", "x", "--train_file", "a.csv", "--validation_file", "b.csv"], "not both"),
         (["--train_file", "a.tsv", "--validation_file", "b.tsv"], ".csv, .json or .jsonl"),
-        (["--task_name", "rte", "--eps", "-1", "--criterion", "absolute", "--layer_threshold", "1"], "NEqConfig.eps"),
+        (
+            [
+                "--task_name",
+                "rte",
+                "--eps",
+                "-1",
+                "--criterion",
+                "absolute",
+                "--layer_threshold",
+                "1",
+                "--granularity",
+                "unit",
+            ],
+            "NEqConfig.eps",
+        ),
         (["--task_name", "rte", "--method", "freeze_bottom"], "needs --freeze_bottom_layers K"),
         (["--task_name", "rte", "--freeze_bottom_layers", "2"], "only applies to --method freeze_bottom"),
     ],
@@ -303,7 +317,7 @@ def test_main_end_to_end(tiny_bert, mrpc_dir, tmp_path, method, capsys):
         ["--model_name_or_path", tiny_bert, "--task_name", "mrpc", "--method", method, "--glue_dir", mrpc_dir,
          "--output_dir", str(out), "--max_train_samples", "40", "--max_eval_samples", "12", "--num_train_epochs", "1",
          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3",
-         "--check_every", "1", "--holdout_size", "8", "--eps", "0.05", "--criterion", "absolute", "--layer_threshold", "1", "--lora_target_modules", "query", "value",
+         "--check_every", "1", "--holdout_size", "8", "--eps", "0.05", "--criterion", "absolute", "--layer_threshold", "1", "--granularity", "unit", "--lora_target_modules", "query", "value",
          "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
          "--seed", "1", "--save_model", str(method == "neq_lora")]
     )  # fmt: skip

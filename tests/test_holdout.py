@@ -370,7 +370,13 @@ def test_trainer_warns_once_and_reports_the_held_out_size(tmp_path, caplog):
 
 def test_trainer_with_token_pooling_none(tmp_path):
     trainer = _train(
-        tmp_path, token_pooling="none", holdout_size=24, criterion="absolute", layer_threshold=1.0, eps=1.0
+        tmp_path,
+        token_pooling="none",
+        holdout_size=24,
+        criterion="absolute",
+        layer_threshold=1.0,
+        granularity="unit",
+        eps=1.0,
     )
     tokens = sum(len(x) for x in trainer.neq_dataset["input_ids"])
     tracker = trainer.neq_callback.tracker

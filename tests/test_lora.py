@@ -46,7 +46,13 @@ def neq_lora_trainer(tmp_path, neq=None, model=None, peft_config=None, **arg_ove
         data_collator=pad_collator,
         neq_config=neq
         or NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=0.0,
+            check_every=2,
+            holdout_size=16,
         ),
         peft_config=peft_config,
     )
@@ -195,7 +201,15 @@ def test_huge_eps_freezes_every_adapter_and_backward_stops(tmp_path):
 
     trainer = neq_lora_trainer(
         tmp_path,
-        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=1.0, check_every=4, holdout_size=16),
+        NEqConfig(
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=1.0,
+            check_every=4,
+            holdout_size=16,
+        ),
         peft_config=lora_config(),
         max_steps=14,
     )
@@ -233,7 +247,10 @@ def test_user_made_peft_model_with_plain_trainer_and_callback(tmp_path):
         model=model, args=training_args(tmp_path / "out", max_steps=6), train_dataset=train, data_collator=pad_collator
     )
     neq = NEqTrainerCallback(
-        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=3), neq_dataset=held
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=0.0, check_every=3
+        ),
+        neq_dataset=held,
     )
     trainer.add_callback(neq)
     fixed = FixedMasks(neq, {(0, "heads"): unit_mask(4, [2]), (1, "heads"): unit_mask(4, range(4))})

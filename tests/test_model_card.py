@@ -26,7 +26,13 @@ def trained(tmp_path, peft_config=None) -> NEqTrainer:
         train_dataset=token_dataset(48),
         data_collator=pad_collator,
         neq_config=NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, check_every=2, holdout_size=8, eps=0.05
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            check_every=2,
+            holdout_size=8,
+            eps=0.05,
         ),
         peft_config=peft_config,
     )

@@ -198,7 +198,13 @@ def _run(tmp_path, name, case, write_back=False, resume=None, **overrides):
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
         neq_config=NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=0.0,
+            check_every=2,
+            holdout_size=16,
         ),
     )
     counter = CountMasked(trainer)

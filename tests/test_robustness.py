@@ -61,7 +61,7 @@ def test_interrupted_train_leaves_the_model_as_it_was(tmp_path, eps, error):
     # (patched forwards): both are in place at step 7, when the run is interrupted
     trainer = neq_trainer(
         tmp_path,
-        NEqConfig(min_loss_drop=0, criterion="absolute", eps=eps, check_every=2, holdout_size=16),
+        NEqConfig(min_loss_drop=0, criterion="absolute", eps=eps, granularity="unit", check_every=2, holdout_size=16),
         tiny_classifier("bert", seed=3),
         learning_rate=3e-3,
     )
@@ -116,7 +116,9 @@ def test_interrupted_plain_trainer_run_is_undone_by_the_next_run(tmp_path):
 
     # eps=10 freezes every unit at step 4: the interrupted run leaves them without gradients
     callback = NEqTrainerCallback(
-        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=2),
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=10.0, check_every=2
+        ),
         neq_dataset=held,
         data_collator=pad_collator,
     )
@@ -174,7 +176,13 @@ def saved_run(tmp_path_factory):
         tmp,
         "full",
         NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=2e-3,
+            check_every=2,
+            holdout_size=16,
         ),
     )
     return tmp / "full" / "out" / "checkpoint-6"
@@ -203,7 +211,13 @@ def test_resume_refuses_another_held_out_split(tmp_path, saved_run, change, name
 
 def test_resume_with_another_eps_is_logged_and_proceeds(tmp_path, saved_run, caplog):
     config = NEqConfig(
-        min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=3e-3, check_every=3, holdout_size=16
+        min_loss_drop=0,
+        criterion="absolute",
+        layer_threshold=1.0,
+        granularity="unit",
+        eps=3e-3,
+        check_every=3,
+        holdout_size=16,
     )
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         resumed = _run(tmp_path, "resumed", config, resume=str(saved_run))
@@ -283,7 +297,9 @@ def test_one_callback_shared_by_two_trainers_keeps_each_run(tmp_path):
 
     train, held = split_holdout(token_dataset(96), 16, seed=0)
     callback = NEqTrainerCallback(
-        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2),
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=2e-3, check_every=2
+        ),
         neq_dataset=held,
     )
     trainers = []
@@ -374,7 +390,9 @@ def test_everything_frozen_at_the_first_decision_is_flagged(tmp_path, caplog):
 def test_healthy_run_is_not_flagged(tmp_path, caplog, rule):
     config = NEqConfig(min_loss_drop=0, check_every=2, holdout_size=16)
     if rule == "absolute":
-        config = NEqConfig(min_loss_drop=0, criterion="absolute", eps=1e-3, check_every=2, holdout_size=16)
+        config = NEqConfig(
+            min_loss_drop=0, criterion="absolute", eps=1e-3, granularity="unit", check_every=2, holdout_size=16
+        )
     trainer = neq_trainer(tmp_path, config)
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         trainer.train()
@@ -390,7 +408,9 @@ def test_flat_loss_with_most_units_frozen_is_flagged(caplog, losses, fires):
     velocity 0), so eps=1e-6 freezes all of them at the first decision (step 4)."""
     neq = _engine(
         tiny_classifier("bert"),
-        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=1e-6, check_every=2),
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=1e-6, check_every=2
+        ),
     ).setup(max_steps=12)
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         for step, loss in zip((2, 4, 6, 8), losses):

@@ -14,7 +14,13 @@ from neq_hf.tracker import EquilibriumTracker
 
 def make_trainer(tmp_path, neq=None, model=None, **arg_overrides):
     neq = neq or NEqConfig(
-        min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=1e-3, check_every=2, holdout_size=16
+        min_loss_drop=0,
+        criterion="absolute",
+        layer_threshold=1.0,
+        granularity="unit",
+        eps=1e-3,
+        check_every=2,
+        holdout_size=16,
     )
     return NEqTrainer(
         model=model or tiny_classifier("bert"),
@@ -107,7 +113,15 @@ OPTIMIZER_CASES = {
 def test_frozen_parameters_stay_bit_identical(tmp_path, random_masks, case):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        NEqConfig(
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=0.0,
+            check_every=2,
+            holdout_size=16,
+        ),
         max_steps=14,
         **OPTIMIZER_CASES[case],
     )
@@ -126,6 +140,7 @@ def test_frozen_rows_exact_with_dense_weight_gradients(tmp_path, random_masks):
         min_loss_drop=0,
         criterion="absolute",
         layer_threshold=1.0,
+        granularity="unit",
         eps=0.0,
         check_every=2,
         holdout_size=16,
@@ -141,7 +156,15 @@ def test_frozen_rows_exact_with_dense_weight_gradients(tmp_path, random_masks):
 def test_sgd_momentum_optimizer_state_is_paused(tmp_path, random_masks):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        NEqConfig(
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=0.0,
+            check_every=2,
+            holdout_size=16,
+        ),
         max_steps=10,
     )
     opt = torch.optim.SGD(trainer.model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
@@ -155,7 +178,15 @@ def test_sgd_momentum_optimizer_state_is_paused(tmp_path, random_masks):
 def test_eps_zero_freezes_nothing(tmp_path):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2, holdout_size=16),
+        NEqConfig(
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=0.0,
+            check_every=2,
+            holdout_size=16,
+        ),
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -173,6 +204,7 @@ def test_huge_eps_freezes_everything_after_warmup(tmp_path):
             min_loss_drop=0,
             criterion="absolute",
             layer_threshold=1.0,
+            granularity="unit",
             eps=10.0,
             warmup=2,
             check_every=2,
@@ -240,7 +272,13 @@ def test_figures_are_logged_and_written(tmp_path):
     trainer = make_trainer(
         tmp_path,
         NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=4, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=10.0,
+            check_every=4,
+            holdout_size=16,
         ),
         logging_steps=100,
     )
@@ -314,7 +352,13 @@ def test_plain_trainer_with_callback(tmp_path):
     )
     callback = NEqTrainerCallback(
         NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=3, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=10.0,
+            check_every=3,
+            holdout_size=16,
         ),
         neq_dataset=held,
     )
@@ -328,7 +372,13 @@ def _resume_run(tmp_path, name, resume=None, max_steps=12):
     trainer = make_trainer(
         tmp_path / name,
         NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=2e-3, check_every=2, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=2e-3,
+            check_every=2,
+            holdout_size=16,
         ),
         model=tiny_classifier("bert", seed=3),
         max_steps=max_steps,
@@ -412,7 +462,13 @@ def test_non_finite_outputs_are_reported_and_not_frozen(tmp_path, caplog):
     trainer = make_trainer(
         tmp_path,
         NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=10.0, check_every=2, holdout_size=16
+            min_loss_drop=0,
+            criterion="absolute",
+            layer_threshold=1.0,
+            granularity="unit",
+            eps=10.0,
+            check_every=2,
+            holdout_size=16,
         ),
         model=model,
     )

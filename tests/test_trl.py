@@ -100,7 +100,10 @@ def test_sft_trainer_freezes_units_and_keeps_them_exact(tmp_path, tokenizer, kin
     trainer = sft_trainer(tmp_path, tokenizer, kind)
     assert {"input_ids"} <= set(trainer.train_dataset.column_names)
     neq = add_neq(
-        trainer, NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=1.0, check_every=2)
+        trainer,
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=1.0, check_every=2
+        ),
     )
     assert len(trainer.train_dataset) == 64
     at = SnapshotAt(4)
@@ -133,7 +136,10 @@ def test_sft_trainer_with_lora_freezes_adapter_rows(tmp_path, tokenizer):
     )
     trainer = sft_trainer(tmp_path, tokenizer, peft_config=lora, max_steps=6)
     neq = add_neq(
-        trainer, NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=0.0, check_every=2)
+        trainer,
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=0.0, check_every=2
+        ),
     )
     masks = {(0, "heads"): torch.tensor([False, False, True, True]), (1, "heads"): torch.zeros(4, dtype=torch.bool)}
 
@@ -167,7 +173,10 @@ def test_padding_free_sft_gets_a_padded_holdout_pass(tmp_path, tokenizer):
     trainer = sft_trainer(tmp_path, tokenizer, args=dict(padding_free=True, max_length=None))
     assert trainer.data_collator.padding_free
     neq = add_neq(
-        trainer, NEqConfig(min_loss_drop=0, criterion="absolute", layer_threshold=1.0, eps=1.0, check_every=2)
+        trainer,
+        NEqConfig(
+            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=1.0, check_every=2
+        ),
     )
     trainer.train()
     batches = list(neq._loader)

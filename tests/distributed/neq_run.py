@@ -225,6 +225,7 @@ def main(argv=None):
         min_loss_drop=args.min_loss_drop,
         criterion="absolute",
         layer_threshold=1.0,
+        granularity="unit",
         eps=args.eps,
         check_every=args.check_every,
         holdout_batch_size=args.holdout_batch_size,

@@ -151,6 +151,7 @@ def main(argv=None) -> dict:
         min_loss_drop=0,
         criterion="absolute",
         layer_threshold=1.0,
+        granularity="unit",
         eps=args.eps,
         check_every=args.check_every,
         holdout_batch_size=args.holdout_batch_size,
