@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--results_dir", default=os.path.join(RESULTS, "regimes"))
     p.add_argument("--variations", nargs="*", default=list(VARIATIONS), choices=list(VARIATIONS))
     p.add_argument("--seeds", nargs="+", default=["0"], help="seeds of the SST-2 variations")
+    p.add_argument(
+        "--methods", nargs="+", default=["full", "neq"], help="glue_compare.py methods run for each variation"
+    )
     p.add_argument("--max_seq_length", type=int, default=64)
     p.add_argument("--extra_args", default="", help="passed to glue_compare.py's --extra_args")
     p.add_argument("--smollm2", default=os.path.join(RESULTS, "smollm2_sst2.json"))
@@ -88,16 +91,19 @@ def render(args) -> str:
     grid = _load(args.grid_dir)
     for task, title in (("sst2", "SST-2"), ("mrpc", "MRPC")):
         runs = [r for r in grid if r["task"] == task and r.get("max_seq_length") == args.max_seq_length]
-        for baseline, method, label in (("full", "neq", "full fine-tuning"), ("lora", "neq_lora", "LoRA r 8")):
+        pairs = (("full", "neq", "full fine-tuning"), ("full", "neq_unit", "full fine-tuning"),
+                 ("lora", "neq_lora", "LoRA r 8"))  # fmt: skip
+        for baseline, method, label in pairs:
             row = _row(f"MiniLM {title}, {label}", runs, baseline, method)
             if row:
                 lines.append("| " + " | ".join(row) + " |")
     for name in VARIATIONS:
         runs = _load(os.path.join(args.results_dir, name))
-        # where present: neq_heldout (the default with the probes removed from training), neq_fast (the fastest
+        # where present: neq_unit (the default's decisions with units frozen one by one as well: the default of the
+        # previous version), neq_heldout (the default with the probes removed from training), neq_fast (the fastest
         # recommended setting), neq_control (the held-out probes removed from training, the checks, nothing frozen:
         # the spread that is not freezing's) and freeze_bottom2 (what a fixed freeze costs there)
-        for method in ("neq", "neq_heldout", "neq_fast", "neq_control", "freeze_bottom2"):
+        for method in ("neq", "neq_unit", "neq_heldout", "neq_fast", "neq_control", "freeze_bottom2"):
             row = _row(f"MiniLM SST-2, full, {name.replace('_x', ' ×')}", runs, "full", method)
             if row:
                 lines.append("| " + " | ".join(row) + " |")
@@ -113,7 +119,8 @@ def render(args) -> str:
             lines.append(
                 "| " + " | ".join([
                     "SmolLM2-135M SST-2, LoRA r 8",
-                    "lora → neq_lora" + ("" if neq_config.get("min_loss_drop") else " (no gate)"), str(sm.get("settings", {}).get("seed", 0)),
+                    "lora → neq_lora" + ("" if neq_config.get("min_loss_drop") else " (no gate)")
+                    + ("" if neq_config.get("granularity") == "layer" else " (units one by one)"), str(sm.get("settings", {}).get("seed", 0)),
                     f"accuracy {base['dev_accuracy'] * 100:.1f} → {neq['dev_accuracy'] * 100:.1f}",
                     f"{(neq['dev_accuracy'] - base['dev_accuracy']) * 100:+.1f}",
                     f"{s.get('final_frozen_fraction', 0):.0%} / {s.get('average_frozen_fraction', 0):.0%}",
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
     if not args.table_only:
         for name in args.variations:
             glue_compare.main(
-                ["--tasks", "sst2", "--seeds", *args.seeds, "--methods", "full", "neq",
+                ["--tasks", "sst2", "--seeds", *args.seeds, "--methods", *args.methods,
                  "--max_seq_length", str(args.max_seq_length), "--results_dir", os.path.join(args.results_dir, name),
                  "--table", os.path.join(args.results_dir, f"{name}.md"), "--extra_args", args.extra_args]
                 + VARIATIONS[name]

@@ -162,15 +162,14 @@ def test_layer_granularity_freezes_whole_bottom_layers_only():
     assert all(results["unit"][(1, kind)].any() for kind in ("heads", "neurons"))
 
 
-def test_layer_granularity_leaves_no_partly_frozen_tensor(tmp_path):
+def test_the_default_layer_granularity_leaves_no_partly_frozen_tensor(tmp_path):
     trainer = NEqTrainer(
         model=tiny_classifier("bert", seed=1),
         args=training_args(tmp_path / "layer", max_steps=16, learning_rate=3e-3),
         train_dataset=token_dataset(192),
         data_collator=pad_collator,
-        neq_config=NEqConfig(
-            min_loss_drop=0, granularity="layer", criterion="absolute", eps=1e9, check_every=2, holdout_size=16
-        ),
+        # granularity left at its default, "layer"
+        neq_config=NEqConfig(min_loss_drop=0, criterion="absolute", eps=1e9, check_every=2, holdout_size=16),
     )
     frozen_partials = []
     original = trainer.neq_callback.__class__.on_step_end
