@@ -36,7 +36,7 @@ demo-data:
 
 demo: demo-data install-examples
 	$(DEMO_OFFLINE) $(VENV)/bin/python examples/glue.py --task_name sst2 $(if $(GLUE_DIR),--glue_dir $(GLUE_DIR),) \
-		--method neq --max_train_samples 2000 --max_eval_samples 872 --num_train_epochs 1 --check_every 10 \
+		--method neq --max_train_samples 2000 --max_eval_samples 872 --num_train_epochs 2 --seed 0 \
 		--per_device_train_batch_size 32 --max_seq_length 64 --output_dir runs/demo --report_to none
 
 ci:
