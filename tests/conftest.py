@@ -148,3 +148,12 @@ def subprocess_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return env
+
+
+def paper_rule(**overrides):
+    """The paper's absolute rule with units frozen one by one and no progress gate: the per-unit mechanics the tests
+    exercise (the library's default freezes whole layers only)."""
+    from neq_hf import NEqConfig
+
+    config = {"min_loss_drop": 0, "criterion": "absolute", "layer_threshold": 1.0, "granularity": "unit"}
+    return NEqConfig(**{**config, **overrides})

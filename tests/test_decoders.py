@@ -6,10 +6,19 @@ serves query heads 0 and 1, K/V head 1 (rows 8-15) query heads 2 and 3.
 
 import pytest
 import torch
-from conftest import pad_collator, snapshot, tiny_classifier, tiny_config, token_dataset, training_args, unit_mask
+from conftest import (
+    pad_collator,
+    paper_rule,
+    snapshot,
+    tiny_classifier,
+    tiny_config,
+    token_dataset,
+    training_args,
+    unit_mask,
+)
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from neq_hf import NEqConfig, NEqTrainer, discover_units
+from neq_hf import NEqTrainer, discover_units
 
 DECODERS = ["llama", "mistral", "qwen2"]
 HD = 8
@@ -48,11 +57,7 @@ def run_with_masks(tmp_path, model, masks, collator=pad_collator, max_steps=6):
         args=training_args(tmp_path / "out", max_steps=max_steps),
         train_dataset=token_dataset(96),
         data_collator=collator,
-        neq_config=NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        neq_config=paper_rule(
             eps=0.0,
             check_every=2,
             holdout_size=16,
@@ -199,11 +204,7 @@ def test_huge_eps_freezes_a_causal_lm_after_warmup(tmp_path, arch):
         args=training_args(tmp_path / "out", max_steps=8),
         train_dataset=token_dataset(96, with_labels=False),
         data_collator=lm_collator,
-        neq_config=NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        neq_config=paper_rule(
             eps=1.0,
             check_every=2,
             holdout_size=16,
@@ -230,11 +231,7 @@ def test_eps_zero_freezes_nothing(tmp_path, arch):
         args=training_args(tmp_path / "out", max_steps=6),
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
-        neq_config=NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        neq_config=paper_rule(
             eps=0.0,
             check_every=2,
             holdout_size=16,

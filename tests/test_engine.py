@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pad_collator, tiny_classifier, token_dataset, unit_mask
+from conftest import pad_collator, paper_rule, tiny_classifier, token_dataset, unit_mask
 
 from neq_hf import NEq, NEqConfig
 from neq_hf.engine import resolve_schedule
@@ -99,11 +99,7 @@ def test_custom_loop_resume_with_accelerate_save_state(loop_run, tmp_path):
 
 # -- the engine on its own ------------------------------------------------------------------------------------------
 def engine(model, held=None, **kw) -> NEq:
-    config = kw.pop("config", None) or NEqConfig(
-        min_loss_drop=0,
-        criterion="absolute",
-        layer_threshold=1.0,
-        granularity="unit",
+    config = kw.pop("config", None) or paper_rule(
         eps=0.15,
         check_every=2,
         holdout_batch_size=5,
@@ -249,9 +245,7 @@ def test_close_releases_the_model():
     model = tiny_classifier()
     neq = engine(
         model,
-        config=NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=10.0, check_every=1
-        ),
+        config=paper_rule(eps=10.0, check_every=1),
     ).setup(max_steps=12)
     for step in (1, 2):
         neq.step_end(step)

@@ -9,11 +9,11 @@ Mapping under test (tiny Llama: 4 query heads of dimension 8 sharing 2 K/V heads
 
 import pytest
 import torch
-from conftest import pad_collator, snapshot, tiny_classifier, token_dataset, training_args, unit_mask
+from conftest import pad_collator, paper_rule, snapshot, tiny_classifier, token_dataset, training_args, unit_mask
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback
 
-from neq_hf import NEqConfig, NEqTrainer, NEqTrainerCallback, split_holdout
+from neq_hf import NEqTrainer, NEqTrainerCallback, split_holdout
 
 HD = 8  # head_dim of the tiny decoders
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,11 +45,7 @@ def neq_lora_trainer(tmp_path, neq=None, model=None, peft_config=None, **arg_ove
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
         neq_config=neq
-        or NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        or paper_rule(
             eps=0.0,
             check_every=2,
             holdout_size=16,
@@ -201,11 +197,7 @@ def test_huge_eps_freezes_every_adapter_and_backward_stops(tmp_path):
 
     trainer = neq_lora_trainer(
         tmp_path,
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=1.0,
             check_every=4,
             holdout_size=16,
@@ -247,9 +239,7 @@ def test_user_made_peft_model_with_plain_trainer_and_callback(tmp_path):
         model=model, args=training_args(tmp_path / "out", max_steps=6), train_dataset=train, data_collator=pad_collator
     )
     neq = NEqTrainerCallback(
-        NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=0.0, check_every=3
-        ),
+        paper_rule(eps=0.0, check_every=3),
         neq_dataset=held,
     )
     trainer.add_callback(neq)

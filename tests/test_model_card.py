@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import pad_collator, tiny_classifier, token_dataset, training_args
+from conftest import pad_collator, paper_rule, tiny_classifier, token_dataset, training_args
 from huggingface_hub import ModelCard
 
 from neq_hf import NEqConfig, NEqTrainer
@@ -25,11 +25,7 @@ def trained(tmp_path, peft_config=None) -> NEqTrainer:
         args=training_args(tmp_path / "run", max_steps=6),
         train_dataset=token_dataset(48),
         data_collator=pad_collator,
-        neq_config=NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        neq_config=paper_rule(
             check_every=2,
             holdout_size=8,
             eps=0.05,

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
-from conftest import pad_collator, tiny_classifier, token_dataset, training_args
+from conftest import pad_collator, paper_rule, tiny_classifier, token_dataset, training_args
 from transformers import TrainerCallback
 
-from neq_hf import Freezer, NEqConfig, NEqTrainer, discover_units, freezing
+from neq_hf import Freezer, NEqTrainer, discover_units, freezing
 from neq_hf.freezing import _masked_kind
 from neq_hf.tracker import EquilibriumTracker
 
@@ -197,11 +197,7 @@ def _run(tmp_path, name, case, write_back=False, resume=None, **overrides):
         args=training_args(tmp_path / name, max_steps=12, **{**CASES[case], **overrides}),
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
-        neq_config=NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        neq_config=paper_rule(
             eps=0.0,
             check_every=2,
             holdout_size=16,

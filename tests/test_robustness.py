@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import pad_collator, tiny_classifier, tiny_config, token_dataset, training_args
+from conftest import pad_collator, paper_rule, tiny_classifier, tiny_config, token_dataset, training_args
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
@@ -116,9 +116,7 @@ def test_interrupted_plain_trainer_run_is_undone_by_the_next_run(tmp_path):
 
     # eps=10 freezes every unit at step 4: the interrupted run leaves them without gradients
     callback = NEqTrainerCallback(
-        NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=10.0, check_every=2
-        ),
+        paper_rule(eps=10.0, check_every=2),
         neq_dataset=held,
         data_collator=pad_collator,
     )
@@ -175,11 +173,7 @@ def saved_run(tmp_path_factory):
     _run(
         tmp,
         "full",
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=2e-3,
             check_every=2,
             holdout_size=16,
@@ -210,11 +204,7 @@ def test_resume_refuses_another_held_out_split(tmp_path, saved_run, change, name
 
 
 def test_resume_with_another_eps_is_logged_and_proceeds(tmp_path, saved_run, caplog):
-    config = NEqConfig(
-        min_loss_drop=0,
-        criterion="absolute",
-        layer_threshold=1.0,
-        granularity="unit",
+    config = paper_rule(
         eps=3e-3,
         check_every=3,
         holdout_size=16,
@@ -297,9 +287,7 @@ def test_one_callback_shared_by_two_trainers_keeps_each_run(tmp_path):
 
     train, held = split_holdout(token_dataset(96), 16, seed=0)
     callback = NEqTrainerCallback(
-        NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=2e-3, check_every=2
-        ),
+        paper_rule(eps=2e-3, check_every=2),
         neq_dataset=held,
     )
     trainers = []
@@ -408,9 +396,7 @@ def test_flat_loss_with_most_units_frozen_is_flagged(caplog, losses, fires):
     velocity 0), so eps=1e-6 freezes all of them at the first decision (step 4)."""
     neq = _engine(
         tiny_classifier("bert"),
-        NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=1e-6, check_every=2
-        ),
+        paper_rule(eps=1e-6, check_every=2),
     ).setup(max_steps=12)
     with caplog.at_level(logging.WARNING, logger="neq_hf"):
         for step, loss in zip((2, 4, 6, 8), losses):

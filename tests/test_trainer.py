@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import pad_collator, tiny_classifier, token_dataset, training_args
+from conftest import pad_collator, paper_rule, tiny_classifier, token_dataset, training_args
 from transformers import Trainer, TrainerCallback
 
 from neq_hf import NEqConfig, NEqTrainer, NEqTrainerCallback, split_holdout
@@ -13,11 +13,7 @@ from neq_hf.tracker import EquilibriumTracker
 
 
 def make_trainer(tmp_path, neq=None, model=None, **arg_overrides):
-    neq = neq or NEqConfig(
-        min_loss_drop=0,
-        criterion="absolute",
-        layer_threshold=1.0,
-        granularity="unit",
+    neq = neq or paper_rule(
         eps=1e-3,
         check_every=2,
         holdout_size=16,
@@ -113,11 +109,7 @@ OPTIMIZER_CASES = {
 def test_frozen_parameters_stay_bit_identical(tmp_path, random_masks, case):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=0.0,
             check_every=2,
             holdout_size=16,
@@ -136,11 +128,7 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, random_masks, case):
 
 
 def test_frozen_rows_exact_with_dense_weight_gradients(tmp_path, random_masks):
-    neq = NEqConfig(
-        min_loss_drop=0,
-        criterion="absolute",
-        layer_threshold=1.0,
-        granularity="unit",
+    neq = paper_rule(
         eps=0.0,
         check_every=2,
         holdout_size=16,
@@ -156,11 +144,7 @@ def test_frozen_rows_exact_with_dense_weight_gradients(tmp_path, random_masks):
 def test_sgd_momentum_optimizer_state_is_paused(tmp_path, random_masks):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=0.0,
             check_every=2,
             holdout_size=16,
@@ -178,11 +162,7 @@ def test_sgd_momentum_optimizer_state_is_paused(tmp_path, random_masks):
 def test_eps_zero_freezes_nothing(tmp_path):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=0.0,
             check_every=2,
             holdout_size=16,
@@ -200,11 +180,7 @@ def test_eps_zero_freezes_nothing(tmp_path):
 def test_huge_eps_freezes_everything_after_warmup(tmp_path):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=10.0,
             warmup=2,
             check_every=2,
@@ -271,11 +247,7 @@ def test_epoch_schedule(tmp_path):
 def test_figures_are_logged_and_written(tmp_path):
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=10.0,
             check_every=4,
             holdout_size=16,
@@ -351,11 +323,7 @@ def test_plain_trainer_with_callback(tmp_path):
         data_collator=pad_collator,
     )
     callback = NEqTrainerCallback(
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=10.0,
             check_every=3,
             holdout_size=16,
@@ -371,11 +339,7 @@ def test_plain_trainer_with_callback(tmp_path):
 def _resume_run(tmp_path, name, resume=None, max_steps=12):
     trainer = make_trainer(
         tmp_path / name,
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=2e-3,
             check_every=2,
             holdout_size=16,
@@ -461,11 +425,7 @@ def test_non_finite_outputs_are_reported_and_not_frozen(tmp_path, caplog):
     model.bert.encoder.layer[1].intermediate.dense.register_forward_hook(poison)
     trainer = make_trainer(
         tmp_path,
-        NEqConfig(
-            min_loss_drop=0,
-            criterion="absolute",
-            layer_threshold=1.0,
-            granularity="unit",
+        paper_rule(
             eps=10.0,
             check_every=2,
             holdout_size=16,

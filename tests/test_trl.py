@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_config
+from conftest import VOCAB, paper_rule, tiny_config
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, PreTrainedTokenizerFast, TrainerCallback
 
-from neq_hf import NEqConfig, NEqTrainerCallback, split_holdout
+from neq_hf import NEqTrainerCallback, split_holdout
 from neq_hf.holdout import build_holdout_loader
 
 pytest.importorskip("trl")
@@ -101,9 +101,7 @@ def test_sft_trainer_freezes_units_and_keeps_them_exact(tmp_path, tokenizer, kin
     assert {"input_ids"} <= set(trainer.train_dataset.column_names)
     neq = add_neq(
         trainer,
-        NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=1.0, check_every=2
-        ),
+        paper_rule(eps=1.0, check_every=2),
     )
     assert len(trainer.train_dataset) == 64
     at = SnapshotAt(4)
@@ -137,9 +135,7 @@ def test_sft_trainer_with_lora_freezes_adapter_rows(tmp_path, tokenizer):
     trainer = sft_trainer(tmp_path, tokenizer, peft_config=lora, max_steps=6)
     neq = add_neq(
         trainer,
-        NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=0.0, check_every=2
-        ),
+        paper_rule(eps=0.0, check_every=2),
     )
     masks = {(0, "heads"): torch.tensor([False, False, True, True]), (1, "heads"): torch.zeros(4, dtype=torch.bool)}
 
@@ -174,9 +170,7 @@ def test_padding_free_sft_gets_a_padded_holdout_pass(tmp_path, tokenizer):
     assert trainer.data_collator.padding_free
     neq = add_neq(
         trainer,
-        NEqConfig(
-            min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=1.0, check_every=2
-        ),
+        paper_rule(eps=1.0, check_every=2),
     )
     trainer.train()
     batches = list(neq._loader)

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import pad_collator, tiny_classifier, token_dataset, training_args
+from conftest import pad_collator, paper_rule, tiny_classifier, token_dataset, training_args
 from transformers import Trainer, TrainerCallback
 
 from neq_hf import NEqConfig, NEqTrainer, split_holdout
@@ -58,9 +58,7 @@ def test_logging_cadence_and_losses_are_the_trainers(tmp_path, model_type):
     (nothing freezes at eps=0, so training is the Trainer's), and NEq entries neither reset the loss window nor carry
     wall-clock figures."""
     train, held = split_holdout(token_dataset(96), 16, seed=0)
-    config = NEqConfig(
-        min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=0.0, check_every=2
-    )
+    config = paper_rule(eps=0.0, check_every=2)
     plain = trained(Trainer, tmp_path, model_type, train=train, logging_steps=4)
     neq = trained(NEqTrainer, tmp_path, model_type, config, train=train, neq_dataset=held, logging_steps=4)
     expected = [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in regular_logs(plain)]
@@ -95,9 +93,7 @@ def test_callback_events_are_the_trainers(tmp_path):
     args = dict(
         max_steps=12, logging_steps=4, eval_strategy="steps", eval_steps=5, save_strategy="steps", save_steps=6
     )
-    config = NEqConfig(
-        min_loss_drop=0, criterion="absolute", layer_threshold=1.0, granularity="unit", eps=2e-3, check_every=3
-    )
+    config = paper_rule(eps=2e-3, check_every=3)
     train, held = split_holdout(token_dataset(96), 16, seed=0)  # the same epochs for both
     plain, neq = (
         trained(cls, tmp_path, "bert", config, train, held, [EventRecorder], token_dataset(16, seed=1), **args)
@@ -122,11 +118,7 @@ def test_resumed_run_has_the_uninterrupted_state_and_log_history(tmp_path, model
             ),
             train_dataset=token_dataset(96),
             data_collator=pad_collator,
-            neq_config=NEqConfig(
-                min_loss_drop=0,
-                criterion="absolute",
-                layer_threshold=1.0,
-                granularity="unit",
+            neq_config=paper_rule(
                 eps=5e-3,
                 check_every=2,
                 holdout_size=16,
