@@ -457,7 +457,8 @@ def describe(results: list[dict], tasks: list[str], groups: dict, results_dir: s
             if c.get("criterion", "absolute") == "relative"
             else f"absolute rule, eps {c['eps']:g}"
         )
-        extras = ", frozen-prefix cache" if c.get("cache_frozen_prefix") else ""
+        cached = run["neq"]["summary"].get("cache_frozen_prefix", c.get("cache_frozen_prefix") is True)
+        extras = ", frozen-prefix cache" if cached else ""
         if c.get("granularity", "unit") == "layer":
             extras += ", whole layers only"
         if c.get("min_loss_drop"):

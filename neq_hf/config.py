@@ -133,11 +133,16 @@ class NEqConfig:
 
         > Frozen-prefix cache
 
-        cache_frozen_prefix (`bool`, defaults to `False`):
+        cache_frozen_prefix (`bool` or `str`, defaults to `"auto"`):
             Once the embeddings and the bottom layers are frozen, keep the hidden states entering the lowest
             trainable layer for every training sample and feed them instead of recomputing the frozen prefix (as
             AutoFreeze does): from the second time a sample is seen, the embeddings and the frozen layers do not run.
             Dropout inside the frozen prefix is off while it is on. See `neq_hf.prefix_cache.FrozenPrefixCache`.
+            `"auto"`: on when the model trains on a CPU (GLUE grid, MiniLM: 0.79x instead of 0.90x the CPU time of
+            full fine-tuning on SST-2, at the same decisions; README, "GLUE results"), off on a GPU, where the cache
+            keeps its states in CPU RAM and copying them back cost more than the prefix (2.7x on an H200,
+            `benchmarks/results/gpu_h200/`), under FSDP2, with gradient checkpointing and for models the cache does
+            not support (their checks still skip the frozen prefix: `checks_skip_frozen_prefix`).
         prefix_cache_megabytes (`int`, defaults to `1024`):
             Budget of the cache, in MiB of CPU RAM per process: 4 B (float32) x real tokens of the cached samples x
             hidden size. Samples beyond it are recomputed at every epoch (with a warning).
@@ -254,11 +259,12 @@ class NEqConfig:
         },
     )
 
-    cache_frozen_prefix: bool = field(
-        default=False,
+    cache_frozen_prefix: str = field(
+        default="auto",
         metadata={
             "help": "Cache the hidden states entering the lowest trainable layer per training sample once the "
-            "embeddings and bottom layers are frozen, instead of recomputing the frozen prefix (dropout off there)."
+            "embeddings and bottom layers are frozen, instead of recomputing the frozen prefix (dropout off there): "
+            "true, false or 'auto' (on when training on a CPU)."
         },
     )
     prefix_cache_megabytes: int = field(
@@ -339,6 +345,13 @@ class NEqConfig:
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
             bad("warmup", "expected an integer >= 1 (the velocity needs two checks after the reference)")
         self.check_every = self._parse_check_every(self.check_every)
+        if not (isinstance(self.cache_frozen_prefix, str) and self.cache_frozen_prefix.strip().lower() == "auto"):
+            try:
+                self.cache_frozen_prefix = self._parse_bool("cache_frozen_prefix", self.cache_frozen_prefix)
+            except ValueError:
+                bad("cache_frozen_prefix", "expected True, False or 'auto' (on when the model trains on a CPU)")
+        else:
+            self.cache_frozen_prefix = "auto"
         cb = self.check_budget
         if isinstance(cb, bool) or not isinstance(cb, (int, float)) or not 0 <= cb <= 1:
             bad("check_budget", "expected a fraction with 0 <= check_budget <= 1 (0: no limit)")
@@ -372,7 +385,7 @@ class NEqConfig:
         mb = self.prefix_cache_megabytes
         if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
             bad("prefix_cache_megabytes", "expected an integer number of MiB >= 1")
-        if self.cache_frozen_prefix and not self.freeze_embeddings:
+        if self.cache_frozen_prefix is True and not self.freeze_embeddings:
             bad(
                 "cache_frozen_prefix",
                 "it needs freeze_embeddings=True (with trainable embeddings nothing below the layers stays fixed); "

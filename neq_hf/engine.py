@@ -199,17 +199,23 @@ class NEq:
         if self.sharded:
             reshard(self.model)
         self.prefix_cache: Optional[FrozenPrefixCache] = None  # NEqConfig.cache_frozen_prefix; hooked by setup()
-        if self.config.cache_frozen_prefix:
+        mb = self.config.prefix_cache_megabytes
+        self._cache_auto = self.config.cache_frozen_prefix == "auto"
+        if self._cache_auto:
+            # decided again by setup(), where the model may have moved to another device
+            if self.config.freeze_embeddings and not self.sharded:
+                self.prefix_cache = FrozenPrefixCache(
+                    self.model, self.unit_map.layer_list, max_megabytes=mb, serve_training=self._auto_cache_training()
+                )
+        elif self.config.cache_frozen_prefix:
             if self.sharded:
                 raise ValueError(
                     "NEqConfig.cache_frozen_prefix is not supported under FSDP2 (the cached prefix would skip sharded "
                     "forwards that every process must run): set cache_frozen_prefix=False."
                 )
-            mb = self.config.prefix_cache_megabytes
             self.prefix_cache = FrozenPrefixCache(self.model, self.unit_map.layer_list, max_megabytes=mb)
         elif self.config.checks_skip_frozen_prefix and self.config.freeze_embeddings and not self.sharded:
             # the same cache for the held-out samples only (their states entering the lowest trainable layer)
-            mb = self.config.prefix_cache_megabytes
             self.prefix_cache = FrozenPrefixCache(
                 self.model, self.unit_map.layer_list, max_megabytes=mb, serve_training=False
             )
@@ -251,14 +257,28 @@ class NEq:
         self._check_cost_steps = cost
         self._resolve_granularity()  # the model may have moved since NEq was built
         self._max_steps = max_steps
+        if self._cache_auto and self.prefix_cache is not None and not self.prefix_cache.located:
+            self.prefix_cache.serve_training = self._auto_cache_training()
+            if not (self.prefix_cache.serve_training or self.config.checks_skip_frozen_prefix):
+                self.prefix_cache = None
         if self.prefix_cache is not None:  # (again after close(): a resumed run rebuilds the cache)
             try:
                 self.prefix_cache.locate(lambda: self._forward_once(next(iter(self.loader))))
             except ValueError as err:
-                if self.prefix_cache.serve_training:
+                if self.prefix_cache.serve_training and not self._cache_auto:
                     raise
-                logger.info("NEq: held-out checks run the whole model (%s)", err)
-                self.prefix_cache = None
+                if self.prefix_cache.serve_training and self.config.checks_skip_frozen_prefix:
+                    # cache_frozen_prefix="auto" on a model or setup the training cache refuses: checks only
+                    logger.info("NEq: the frozen-prefix cache serves the held-out checks only (%s)", err)
+                    self.prefix_cache.serve_training = False
+                    try:
+                        self.prefix_cache.locate(lambda: self._forward_once(next(iter(self.loader))))
+                    except ValueError as err_checks:
+                        logger.info("NEq: held-out checks run the whole model (%s)", err_checks)
+                        self.prefix_cache = None
+                else:
+                    logger.info("NEq: held-out checks run the whole model (%s)", err)
+                    self.prefix_cache = None
         self._clock = time.perf_counter()
         if self.tracker.t == 0:
             self.run_check(0, 0.0)  # the reference outputs
@@ -286,6 +306,15 @@ class NEq:
             # less on compute-bound ones (BERT-base, 109M: 0.88-0.96x; BERT-large: 0.80-0.94x). benchmarks/step_time.py
             small = sum(p.numel() for p in self.model.parameters()) < AUTO_UNIT_MIN_PARAMETERS
             self.tracker.granularity = "layer" if self._device().type == "cuda" and small else "unit"
+
+    def _auto_cache_training(self) -> bool:
+        """`NEqConfig.cache_frozen_prefix="auto"`: serve training forwards from the cache when the model trains on a
+        CPU (there it pays: README, "GLUE results"), not on an accelerator, where the states kept in CPU RAM cost more
+        to bring back than the prefix costs to run (2.7x a step on an H200), nor under FSDP2, with gradient
+        checkpointing or without frozen embeddings (the cache refuses or cannot act)."""
+        if self._device().type != "cpu" or self.sharded or not self.config.freeze_embeddings:
+            return False
+        return not any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -702,6 +731,8 @@ class NEq:
             "reference_megabytes": self.tracker.reference_bytes() / 2**20,
             "holdout_samples": self.holdout_size,
             "granularity": self.tracker.granularity,
+            # NEqConfig.cache_frozen_prefix as resolved: whether training forwards were served from the cache
+            "cache_frozen_prefix": self.prefix_cache is not None and self.prefix_cache.serve_training,
             "gate_step": self.tracker.gate_step,  # NEqConfig.min_loss_drop: the step freezing was allowed from
             "loss_start": self.tracker.loss_start,
         }

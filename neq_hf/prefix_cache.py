@@ -1,4 +1,4 @@
-"""A cache of what the frozen prefix computes for each training sample (opt-in: `NEqConfig.cache_frozen_prefix`).
+"""A cache of what the frozen prefix computes for each training sample (`NEqConfig.cache_frozen_prefix`).
 
 Once the embeddings and the bottom ``k`` layers are frozen, the hidden states entering layer ``k`` no longer change
 for a given training sample. As AutoFreeze (Liu et al. 2021, arXiv 2102.01386) does, :class:`FrozenPrefixCache`
@@ -131,6 +131,11 @@ class FrozenPrefixCache:
         self._patched: list[nn.Module] = []
         self._prefix_params: list[nn.Parameter] = []
         self._layer_params = [list(layer.parameters()) for layer in layer_list]
+
+    @property
+    def located(self) -> bool:
+        """Whether [`locate`] has installed the hooks (and not [`close`] removed them)."""
+        return self._located
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def locate(self, run_forward: Callable[[], Any]) -> None:

@@ -330,7 +330,14 @@ def test_refuses_gradient_checkpointing():
 
 
 def test_config_fields():
-    assert NEqConfig(min_loss_drop=0).cache_frozen_prefix is False
+    assert NEqConfig(min_loss_drop=0).cache_frozen_prefix == "auto"
+    assert NEqConfig(cache_frozen_prefix="AUTO").cache_frozen_prefix == "auto"
+    assert NEqConfig(cache_frozen_prefix="true").cache_frozen_prefix is True
+    assert NEqConfig(cache_frozen_prefix="no").cache_frozen_prefix is False
+    with pytest.raises(ValueError, match=r"cache_frozen_prefix='sometimes' is invalid.*'auto'"):
+        NEqConfig(cache_frozen_prefix="sometimes")
+    # "auto" without frozen embeddings resolves to no training cache instead of refusing
+    assert NEqConfig(freeze_embeddings=False).cache_frozen_prefix == "auto"
     with pytest.raises(ValueError, match="freeze_embeddings=True"):
         NEqConfig(min_loss_drop=0, cache_frozen_prefix=True, freeze_embeddings=False)
     with pytest.raises(ValueError, match="prefix_cache_megabytes"):
@@ -505,3 +512,48 @@ def test_checks_above_the_frozen_prefix_with_repeated_held_out_samples(tmp_path,
         torch.testing.assert_close(
             params[n], p, rtol=0 if not cache_training else 1e-5, atol=0 if not cache_training else 1e-6, msg=n
         )
+
+
+# -- cache_frozen_prefix="auto" -------------------------------------------------------------------------------------
+def _auto_run(tmp_path, name, checkpointing=False):
+    from conftest import training_args
+
+    from neq_hf import NEqTrainer
+
+    trainer = NEqTrainer(
+        model=build("bert", seed=3)[0],
+        args=training_args(
+            tmp_path / name, max_steps=16, learning_rate=3e-3, seed=1, activation_checkpointing=checkpointing
+        ),
+        train_dataset=token_dataset(96),
+        data_collator=pad_collator,
+        neq_config=NEqConfig(min_loss_drop=0, check_every=2, holdout_size=16),
+    )
+    trainer.train()
+    return trainer.neq_callback.engine
+
+
+def test_auto_serves_training_on_a_cpu(tmp_path, scripted_freezing):
+    engine = _auto_run(tmp_path, "auto")
+    summary = engine.summary()
+    assert summary["cache_frozen_prefix"] is True
+    assert summary["prefix_cache"]["served"] > 0 and summary["prefix_cache"]["computed"] > 0
+
+
+def test_auto_falls_back_to_the_checks_with_gradient_checkpointing(tmp_path, scripted_freezing, caplog):
+    with caplog.at_level(logging.INFO, logger="neq_hf.engine"):
+        engine = _auto_run(tmp_path, "ckpt", checkpointing=True)
+    summary = engine.summary()
+    assert summary["cache_frozen_prefix"] is False
+    # the held-out checks still start above the frozen prefix
+    assert summary["prefix_cache"]["served"] > 0
+
+
+def test_auto_is_off_on_an_accelerator(tmp_path):
+    from neq_hf.engine import NEq
+
+    model, unit_map = build("bert")
+    engine = NEq(model, NEqConfig(min_loss_drop=0, holdout_size=16), token_dataset(16), data_collator=pad_collator)
+    assert engine._auto_cache_training() is True  # on this CPU
+    engine._device = lambda: torch.device("cuda")
+    assert engine._auto_cache_training() is False
