@@ -74,9 +74,9 @@ NEQ_VARIANTS = {
         "--granularity",
         "unit",
     ],  # fmt: skip
-    # the fastest setting recommended: whole layers freeze once half of their units are at rest, and the frozen-prefix
-    # cache
-    "neq_fast": ["--layer_threshold", "0.5", "--cache_frozen_prefix", "true"],
+    # the fastest setting recommended: whole layers freeze once half of their units are at rest (with the frozen-prefix
+    # cache on a CPU, as the default: cache_frozen_prefix="auto")
+    "neq_fast": ["--layer_threshold", "0.5"],
     # the default's decisions, units at equilibrium frozen as well as whole layers (the default before whole layers
     # only)
     "neq_unit": ["--granularity", "unit"],

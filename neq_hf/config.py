@@ -140,7 +140,7 @@ class NEqConfig:
             Dropout inside the frozen prefix is off while it is on. See `neq_hf.prefix_cache.FrozenPrefixCache`.
             `"auto"`: on when the model trains on a CPU (GLUE grid, MiniLM: 0.79x instead of 0.90x the CPU time of
             full fine-tuning on SST-2, at the same decisions; README, "GLUE results"), off on a GPU, where the cache
-            keeps its states in CPU RAM and copying them back cost more than the prefix (2.7x on an H200,
+            keeps its states in CPU RAM and bringing them back cost more than the prefix (an SST-2 run 2.7x as long on an H200,
             `benchmarks/results/gpu_h200/`), under FSDP2, with gradient checkpointing and for models the cache does
             not support (their checks still skip the frozen prefix: `checks_skip_frozen_prefix`).
         prefix_cache_megabytes (`int`, defaults to `1024`):

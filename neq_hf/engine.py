@@ -229,6 +229,7 @@ class NEq:
         self._step_losses: list[torch.Tensor] = []  # losses given to record_step_loss since the last check
         self._last_check_step = 0
         self._max_steps: Optional[int] = None
+        self._last_epoch_from: Optional[int] = None
         self._warned: set[str] = set()  # guard rails already fired in this run
         self._warnings: list[str] = []  # their messages, not logged yet
         self.warnings: list[str] = []  # every guard-rail message of this run (also in the summary)
@@ -257,6 +258,11 @@ class NEq:
         self._check_cost_steps = cost
         self._resolve_granularity()  # the model may have moved since NEq was built
         self._max_steps = max_steps
+        # the first step of the last epoch: from there no training sample is drawn again, so the frozen-prefix cache
+        # stores nothing new (a batch none of whose samples is cached runs as without the cache)
+        self._last_epoch_from = None
+        if max_steps and max_steps > 0 and num_epochs and num_epochs > 0:
+            self._last_epoch_from = (num_epochs - 1) * (max_steps // num_epochs)
         if self._cache_auto and self.prefix_cache is not None and not self.prefix_cache.located:
             self.prefix_cache.serve_training = self._auto_cache_training()
             if not (self.prefix_cache.serve_training or self.config.checks_skip_frozen_prefix):
@@ -280,9 +286,17 @@ class NEq:
                     logger.info("NEq: held-out checks run the whole model (%s)", err)
                     self.prefix_cache = None
         self._clock = time.perf_counter()
+        self._set_reuse_ahead(0)
         if self.tracker.t == 0:
             self.run_check(0, 0.0)  # the reference outputs
         return self
+
+    def _set_reuse_ahead(self, global_step: int) -> None:
+        """Tell the frozen-prefix cache whether the training samples of the steps after ``global_step`` are drawn again
+        later in the run (they are not in the last epoch)."""
+        cache = self.prefix_cache
+        if cache is not None and cache.serve_training and self._last_epoch_from is not None:
+            cache.reuse_ahead = global_step < self._last_epoch_from
 
     def check_cost_steps(self, samples_per_step: Optional[int]) -> Optional[float]:
         """What one held-out check costs in optimizer steps, estimated from sample counts (see
@@ -310,7 +324,7 @@ class NEq:
     def _auto_cache_training(self) -> bool:
         """`NEqConfig.cache_frozen_prefix="auto"`: serve training forwards from the cache when the model trains on a
         CPU (there it pays: README, "GLUE results"), not on an accelerator, where the states kept in CPU RAM cost more
-        to bring back than the prefix costs to run (2.7x a step on an H200), nor under FSDP2, with gradient
+        to bring back than the prefix costs to run (an SST-2 run took 2.7x as long on an H200), nor under FSDP2, with gradient
         checkpointing or without frozen embeddings (the cache refuses or cannot act)."""
         if self._device().type != "cpu" or self.sharded or not self.config.freeze_embeddings:
             return False
@@ -349,6 +363,7 @@ class NEq:
         [`observe_loss`])."""
         if loss is not None:
             self.observe_loss(global_step, loss)
+        self._set_reuse_ahead(global_step)
         if self.check_every != "epoch" and global_step % int(self.check_every) == 0:
             return self.run_check(global_step, epoch)
         return None

@@ -20,6 +20,10 @@ Dropout inside the frozen prefix is therefore off while the cache is in use (the
 mode, cached or not), as in AutoFreeze; the trainable layers keep their dropout. Padded positions enter layer ``k``
 as zeros: attention masks them out, so real tokens' outputs, the loss and every gradient are those of recomputation.
 
+In the last epoch of a run (NEq sets ``reuse_ahead=False`` there), a training batch none of whose samples is cached
+runs the plain forward, the prefix with its dropout: nothing computed then would be read again. A one-epoch run
+therefore trains as without the cache, bit for bit, apart from batches holding held-out samples the checks cached.
+
 When more layers freeze (``k`` goes up), entries are extended lazily: the next time a sample is seen, only layers
 ``k_old .. k-1`` run on its cached states. When a layer is released (``k`` goes down) or a prefix parameter is
 modified in place (a checkpoint loaded, ``Tensor._version`` changes), the cache is emptied. The cache is not saved
@@ -117,7 +121,17 @@ class FrozenPrefixCache:
         self.serve_training = serve_training
         self._serve_eval = False
         self.depth = 0  # layers whose output is served from the cache
-        self.stats = {"served": 0, "computed": 0, "extended": 0, "bypassed_batches": 0, "invalidations": 0}
+        # False once no training sample will be drawn again (the last epoch): a batch none of whose samples is cached
+        # then runs the plain forward (the prefix with its dropout, nothing stored), as its states would not be read
+        self.reuse_ahead = True
+        self.stats = {
+            "served": 0,
+            "computed": 0,
+            "extended": 0,
+            "bypassed_batches": 0,
+            "invalidations": 0,
+            "plain_batches": 0,  # training batches run without the cache because nothing of them will be reused
+        }
         self.peak = {"samples": 0, "megabytes": 0.0}  # largest size reached (kept after close())
         self._located = False
         self._plan: Optional[_Plan] = None
@@ -330,6 +344,9 @@ class FrozenPrefixCache:
             return None
         mask = _real_tokens(inputs)
         keys = _keys(inputs, mask)
+        if module.training and not self.reuse_ahead and not any(k in self._index for k in keys):
+            self.stats["plain_batches"] += 1
+            return None
         states = self._states(keys, inputs, mask, depth)
         self._plan = _Plan(substitute_at=depth, states=states)
         return None

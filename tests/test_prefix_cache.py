@@ -557,3 +557,36 @@ def test_auto_is_off_on_an_accelerator(tmp_path):
     assert engine._auto_cache_training() is True  # on this CPU
     engine._device = lambda: torch.device("cuda")
     assert engine._auto_cache_training() is False
+
+
+def _epochs_run(tmp_path, name, epochs, cache):
+    from conftest import training_args
+
+    from neq_hf import NEqTrainer
+
+    trainer = NEqTrainer(
+        model=build("bert", seed=3)[0],
+        # 12 steps an epoch; the scripted decisions freeze layer 0 from step 2 (released at 4) and both from step 12
+        args=training_args(tmp_path / name, max_steps=-1, num_train_epochs=epochs, learning_rate=3e-3, seed=1),
+        train_dataset=token_dataset(96),
+        data_collator=pad_collator,
+        neq_dataset=token_dataset(16, seed=5),  # probes outside the training set: no training sample is cached by them
+        neq_config=NEqConfig(min_loss_drop=0, check_every=2, cache_frozen_prefix=cache),
+    )
+    trainer.train()
+    return trainer
+
+
+def test_the_last_epoch_runs_uncached_batches_without_the_cache(tmp_path, scripted_freezing):
+    # one epoch: no sample is drawn twice, so no training batch goes through the cache, and the run is the run without
+    # it, bit for bit (the frozen prefix keeps its dropout)
+    cached = _epochs_run(tmp_path, "one", 1, "auto")
+    stats = cached.neq_callback.engine.prefix_cache.stats
+    assert stats["plain_batches"] > 0
+    plain = _epochs_run(tmp_path, "one_plain", 1, False)
+    params = dict(plain.model.named_parameters())
+    for n, p in cached.model.named_parameters():
+        assert torch.equal(params[n], p), n
+    # two epochs: the second serves what the first stored
+    two = _epochs_run(tmp_path, "two", 2, "auto").neq_callback.engine.prefix_cache
+    assert two.stats["served"] > 0
