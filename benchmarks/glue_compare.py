@@ -36,6 +36,7 @@ METHODS = (
     "neq",
     "neq_fast",
     "neq_unit",
+    "neq_cache",
     "neq_control",
     "neq_heldout",
     "freeze_bottom2",
@@ -51,6 +52,7 @@ TABLE_ORDER = (
     "neq_heldout",
     "neq_fast",
     "neq_unit",
+    "neq_cache",
     "neq_control",
     "freeze_bottom2",
     "freeze_bottom3",
@@ -74,9 +76,11 @@ NEQ_VARIANTS = {
         "--granularity",
         "unit",
     ],  # fmt: skip
-    # the fastest setting recommended: whole layers freeze once half of their units are at rest (with the frozen-prefix
-    # cache on a CPU, as the default: cache_frozen_prefix="auto")
-    "neq_fast": ["--layer_threshold", "0.5"],
+    # the fastest setting recommended: whole layers freeze once half of their units are at rest, and the frozen-prefix
+    # cache
+    "neq_fast": ["--layer_threshold", "0.5", "--cache_frozen_prefix", "true"],
+    # the default with the frozen-prefix cache
+    "neq_cache": ["--cache_frozen_prefix", "true"],
     # the default's decisions, units at equilibrium frozen as well as whole layers (the default before whole layers
     # only)
     "neq_unit": ["--granularity", "unit"],
@@ -96,6 +100,7 @@ BASELINE = {
     "neq_paper": "full",
     "neq_fast": "full",
     "neq_unit": "full",
+    "neq_cache": "full",
     "neq_control": "full",
     "neq_heldout": "full",
 }

@@ -91,8 +91,8 @@ def render(args) -> str:
     grid = _load(args.grid_dir)
     for task, title in (("sst2", "SST-2"), ("mrpc", "MRPC")):
         runs = [r for r in grid if r["task"] == task and r.get("max_seq_length") == args.max_seq_length]
-        pairs = (("full", "neq", "full fine-tuning"), ("full", "neq_unit", "full fine-tuning"),
-                 ("lora", "neq_lora", "LoRA r 8"))  # fmt: skip
+        pairs = (("full", "neq", "full fine-tuning"), ("full", "neq_cache", "full fine-tuning"),
+                 ("full", "neq_unit", "full fine-tuning"), ("lora", "neq_lora", "LoRA r 8"))  # fmt: skip
         for baseline, method, label in pairs:
             row = _row(f"MiniLM {title}, {label}", runs, baseline, method)
             if row:
@@ -102,8 +102,9 @@ def render(args) -> str:
         # where present: neq_unit (the default's decisions with units frozen one by one as well: the default of the
         # previous version), neq_heldout (the default with the probes removed from training), neq_fast (the fastest
         # recommended setting), neq_control (the held-out probes removed from training, the checks, nothing frozen:
-        # the spread that is not freezing's) and freeze_bottom2 (what a fixed freeze costs there)
-        for method in ("neq", "neq_unit", "neq_heldout", "neq_fast", "neq_control", "freeze_bottom2"):
+        # the spread that is not freezing's), freeze_bottom2 (what a fixed freeze costs there) and neq_cache (the
+        # default with the frozen-prefix cache)
+        for method in ("neq", "neq_cache", "neq_unit", "neq_heldout", "neq_fast", "neq_control", "freeze_bottom2"):
             row = _row(f"MiniLM SST-2, full, {name.replace('_x', ' ×')}", runs, "full", method)
             if row:
                 lines.append("| " + " | ".join(row) + " |")

@@ -133,16 +133,19 @@ class NEqConfig:
 
         > Frozen-prefix cache
 
-        cache_frozen_prefix (`bool` or `str`, defaults to `"auto"`):
+        cache_frozen_prefix (`bool` or `str`, defaults to `False`):
             Once the embeddings and the bottom layers are frozen, keep the hidden states entering the lowest
             trainable layer for every training sample and feed them instead of recomputing the frozen prefix (as
             AutoFreeze does): from the second time a sample is seen, the embeddings and the frozen layers do not run.
             Dropout inside the frozen prefix is off while it is on. See `neq_hf.prefix_cache.FrozenPrefixCache`.
-            `"auto"`: on when the model trains on a CPU (GLUE grid, MiniLM: 0.79x instead of 0.90x the CPU time of
-            full fine-tuning on SST-2, at the same decisions; README, "GLUE results"), off on a GPU, where the cache
-            keeps its states in CPU RAM and bringing them back cost more than the prefix (an SST-2 run 2.7x as long on an H200,
+            `"auto"`: on when the model trains on a CPU, off on a GPU, where the cache keeps its states in CPU RAM and
+            bringing them back cost more than the prefix (an SST-2 run took 2.7x as long on an H200,
             `benchmarks/results/gpu_h200/`), under FSDP2, with gradient checkpointing and for models the cache does
-            not support (their checks still skip the frozen prefix: `checks_skip_frozen_prefix`).
+            not support (their checks still skip the frozen prefix: `checks_skip_frozen_prefix`). Off by default
+            because the missing dropout cost accuracy: on the CPU GLUE runs (MiniLM) it took the default from 0.90x
+            to 0.83x the CPU time of full fine-tuning on SST-2 (MRPC 0.89x to 0.88x), and from 0.85x to 0.78x on a
+            500-step run, where accuracy fell from 0.7 to 1.4 points below full fine-tuning (README, "GLUE"). In the
+            last epoch a training batch with no cached sample runs without it.
         prefix_cache_megabytes (`int`, defaults to `1024`):
             Budget of the cache, in MiB of CPU RAM per process: 4 B (float32) x real tokens of the cached samples x
             hidden size. Samples beyond it are recomputed at every epoch (with a warning).
@@ -260,11 +263,11 @@ class NEqConfig:
     )
 
     cache_frozen_prefix: str = field(
-        default="auto",
+        default=False,
         metadata={
             "help": "Cache the hidden states entering the lowest trainable layer per training sample once the "
             "embeddings and bottom layers are frozen, instead of recomputing the frozen prefix (dropout off there): "
-            "true, false or 'auto' (on when training on a CPU)."
+            "true, false or 'auto' (on when training on a CPU; off by default: no dropout in the cached prefix)."
         },
     )
     prefix_cache_megabytes: int = field(

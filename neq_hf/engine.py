@@ -323,9 +323,9 @@ class NEq:
 
     def _auto_cache_training(self) -> bool:
         """`NEqConfig.cache_frozen_prefix="auto"`: serve training forwards from the cache when the model trains on a
-        CPU (there it pays: README, "GLUE results"), not on an accelerator, where the states kept in CPU RAM cost more
-        to bring back than the prefix costs to run (an SST-2 run took 2.7x as long on an H200), nor under FSDP2, with gradient
-        checkpointing or without frozen embeddings (the cache refuses or cannot act)."""
+        CPU (there it pays in time: README, "GLUE"), not on an accelerator, where the states kept in CPU RAM cost more to
+        bring back than the prefix costs to run (an SST-2 run took 2.7x as long on an H200), nor under FSDP2, with
+        gradient checkpointing or without frozen embeddings (the cache refuses or cannot act)."""
         if self._device().type != "cpu" or self.sharded or not self.config.freeze_embeddings:
             return False
         return not any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())

@@ -330,14 +330,14 @@ def test_refuses_gradient_checkpointing():
 
 
 def test_config_fields():
-    assert NEqConfig(min_loss_drop=0).cache_frozen_prefix == "auto"
+    assert NEqConfig(min_loss_drop=0).cache_frozen_prefix is False
     assert NEqConfig(cache_frozen_prefix="AUTO").cache_frozen_prefix == "auto"
     assert NEqConfig(cache_frozen_prefix="true").cache_frozen_prefix is True
     assert NEqConfig(cache_frozen_prefix="no").cache_frozen_prefix is False
     with pytest.raises(ValueError, match=r"cache_frozen_prefix='sometimes' is invalid.*'auto'"):
         NEqConfig(cache_frozen_prefix="sometimes")
     # "auto" without frozen embeddings resolves to no training cache instead of refusing
-    assert NEqConfig(freeze_embeddings=False).cache_frozen_prefix == "auto"
+    assert NEqConfig(freeze_embeddings=False, cache_frozen_prefix="auto").cache_frozen_prefix == "auto"
     with pytest.raises(ValueError, match="freeze_embeddings=True"):
         NEqConfig(min_loss_drop=0, cache_frozen_prefix=True, freeze_embeddings=False)
     with pytest.raises(ValueError, match="prefix_cache_megabytes"):
@@ -527,7 +527,7 @@ def _auto_run(tmp_path, name, checkpointing=False):
         ),
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
-        neq_config=NEqConfig(min_loss_drop=0, check_every=2, holdout_size=16),
+        neq_config=NEqConfig(min_loss_drop=0, check_every=2, holdout_size=16, cache_frozen_prefix="auto"),
     )
     trainer.train()
     return trainer.neq_callback.engine
@@ -553,7 +553,8 @@ def test_auto_is_off_on_an_accelerator(tmp_path):
     from neq_hf.engine import NEq
 
     model, unit_map = build("bert")
-    engine = NEq(model, NEqConfig(min_loss_drop=0, holdout_size=16), token_dataset(16), data_collator=pad_collator)
+    config = NEqConfig(min_loss_drop=0, holdout_size=16, cache_frozen_prefix="auto")
+    engine = NEq(model, config, token_dataset(16), data_collator=pad_collator)
     assert engine._auto_cache_training() is True  # on this CPU
     engine._device = lambda: torch.device("cuda")
     assert engine._auto_cache_training() is False
