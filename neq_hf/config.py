@@ -348,13 +348,14 @@ class NEqConfig:
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 1:
             bad("warmup", "expected an integer >= 1 (the velocity needs two checks after the reference)")
         self.check_every = self._parse_check_every(self.check_every)
-        if not (isinstance(self.cache_frozen_prefix, str) and self.cache_frozen_prefix.strip().lower() == "auto"):
+        cache = self.cache_frozen_prefix
+        if isinstance(cache, str) and cache.strip().lower() == "auto":
+            self.cache_frozen_prefix = "auto"
+        else:
             try:
-                self.cache_frozen_prefix = self._parse_bool("cache_frozen_prefix", self.cache_frozen_prefix)
+                self.cache_frozen_prefix = self._parse_bool("cache_frozen_prefix", cache)
             except ValueError:
                 bad("cache_frozen_prefix", "expected True, False or 'auto' (on when the model trains on a CPU)")
-        else:
-            self.cache_frozen_prefix = "auto"
         cb = self.check_budget
         if isinstance(cb, bool) or not isinstance(cb, (int, float)) or not 0 <= cb <= 1:
             bad("check_budget", "expected a fraction with 0 <= check_budget <= 1 (0: no limit)")

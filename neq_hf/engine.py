@@ -200,21 +200,19 @@ class NEq:
             reshard(self.model)
         self.prefix_cache: Optional[FrozenPrefixCache] = None  # NEqConfig.cache_frozen_prefix; hooked by setup()
         mb = self.config.prefix_cache_megabytes
-        self._cache_auto = self.config.cache_frozen_prefix == "auto"
-        if self._cache_auto:
-            # decided again by setup(), where the model may have moved to another device
-            if self.config.freeze_embeddings and not self.sharded:
-                self.prefix_cache = FrozenPrefixCache(
-                    self.model, self.unit_map.layer_list, max_megabytes=mb, serve_training=self._auto_cache_training()
-                )
-        elif self.config.cache_frozen_prefix:
+        self._cache_auto = self.config.cache_frozen_prefix == "auto"  # resolved by setup(): the model may still move
+        if self.config.cache_frozen_prefix is True:
             if self.sharded:
                 raise ValueError(
                     "NEqConfig.cache_frozen_prefix is not supported under FSDP2 (the cached prefix would skip sharded "
                     "forwards that every process must run): set cache_frozen_prefix=False."
                 )
             self.prefix_cache = FrozenPrefixCache(self.model, self.unit_map.layer_list, max_megabytes=mb)
-        elif self.config.checks_skip_frozen_prefix and self.config.freeze_embeddings and not self.sharded:
+        elif (
+            (self._cache_auto or self.config.checks_skip_frozen_prefix)
+            and self.config.freeze_embeddings
+            and not self.sharded
+        ):
             # the same cache for the held-out samples only (their states entering the lowest trainable layer)
             self.prefix_cache = FrozenPrefixCache(
                 self.model, self.unit_map.layer_list, max_megabytes=mb, serve_training=False
@@ -258,8 +256,8 @@ class NEq:
         self._check_cost_steps = cost
         self._resolve_granularity()  # the model may have moved since NEq was built
         self._max_steps = max_steps
-        # the first step of the last epoch: from there no training sample is drawn again, so the frozen-prefix cache
-        # stores nothing new (a batch none of whose samples is cached runs as without the cache)
+        # the first step of the last epoch: from there no training sample is drawn again, so a training batch with no
+        # cached sample runs without the frozen-prefix cache
         self._last_epoch_from = None
         if max_steps and max_steps > 0 and num_epochs and num_epochs > 0:
             self._last_epoch_from = (num_epochs - 1) * (max_steps // num_epochs)
@@ -267,29 +265,30 @@ class NEq:
             self.prefix_cache.serve_training = self._auto_cache_training()
             if not (self.prefix_cache.serve_training or self.config.checks_skip_frozen_prefix):
                 self.prefix_cache = None
-        if self.prefix_cache is not None:  # (again after close(): a resumed run rebuilds the cache)
-            try:
-                self.prefix_cache.locate(lambda: self._forward_once(next(iter(self.loader))))
-            except ValueError as err:
-                if self.prefix_cache.serve_training and not self._cache_auto:
-                    raise
-                if self.prefix_cache.serve_training and self.config.checks_skip_frozen_prefix:
-                    # cache_frozen_prefix="auto" on a model or setup the training cache refuses: checks only
-                    logger.info("NEq: the frozen-prefix cache serves the held-out checks only (%s)", err)
-                    self.prefix_cache.serve_training = False
-                    try:
-                        self.prefix_cache.locate(lambda: self._forward_once(next(iter(self.loader))))
-                    except ValueError as err_checks:
-                        logger.info("NEq: held-out checks run the whole model (%s)", err_checks)
-                        self.prefix_cache = None
-                else:
-                    logger.info("NEq: held-out checks run the whole model (%s)", err)
-                    self.prefix_cache = None
+        self._locate_prefix_cache()  # (again after close(): a resumed run rebuilds the cache)
         self._clock = time.perf_counter()
         self._set_reuse_ahead(0)
         if self.tracker.t == 0:
             self.run_check(0, 0.0)  # the reference outputs
         return self
+
+    def _locate_prefix_cache(self) -> None:
+        """Hook the frozen-prefix cache; a model it does not support trains without it where that was not asked for
+        explicitly (`cache_frozen_prefix="auto"`: the checks alone still use it), and its checks run the whole model."""
+        cache = self.prefix_cache
+        while cache is not None:
+            try:
+                cache.locate(lambda: self._forward_once(next(iter(self.loader))))
+                return
+            except ValueError as err:
+                if cache.serve_training and not self._cache_auto:
+                    raise
+                if cache.serve_training and self.config.checks_skip_frozen_prefix:
+                    logger.info("NEq: the frozen-prefix cache serves the held-out checks only (%s)", err)
+                    cache.serve_training = False
+                else:
+                    logger.info("NEq: held-out checks run the whole model (%s)", err)
+                    self.prefix_cache = cache = None
 
     def _set_reuse_ahead(self, global_step: int) -> None:
         """Tell the frozen-prefix cache whether the training samples of the steps after ``global_step`` are drawn again
@@ -323,10 +322,11 @@ class NEq:
 
     def _auto_cache_training(self) -> bool:
         """`NEqConfig.cache_frozen_prefix="auto"`: serve training forwards from the cache when the model trains on a
-        CPU (there it pays in time: README, "GLUE"), not on an accelerator, where the states kept in CPU RAM cost more to
-        bring back than the prefix costs to run (an SST-2 run took 2.7x as long on an H200), nor under FSDP2, with
-        gradient checkpointing or without frozen embeddings (the cache refuses or cannot act)."""
-        if self._device().type != "cpu" or self.sharded or not self.config.freeze_embeddings:
+        CPU (there it pays in time: README, "GLUE"), not on an accelerator, where the states kept in CPU RAM cost more
+        to bring back than the prefix costs to run (an SST-2 run took 2.7x as long on an H200), nor with gradient
+        checkpointing, which the training cache refuses. (Under FSDP2 or without frozen embeddings `__init__` builds no
+        cache at all.)"""
+        if self._device().type != "cpu":
             return False
         return not any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())
 
