@@ -678,6 +678,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
             paths["NEq history (every check, full figures)"] = os.path.join(out, "neq_history.json")
         paths["model" if script_args.save_model else "model (not saved: --save_model false)"] = out
         print("\n" + format_summary(results, paths), flush=True)
+    if trainer.accelerator.num_processes > 1:
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()  # leave the process group on every rank before the exit
     return results
 
 

@@ -240,6 +240,10 @@ def main(argv=None):
     )
     trainer.add_callback(Probe(trainer.neq_callback, args.out))
     trainer.train(resume_from_checkpoint=args.resume)
+    # Leave the process group on every rank before the interpreter exits: a gloo group torn down by the exit
+    # itself can abort a rank ("terminate called without an active exception") after a successful run.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -214,6 +214,7 @@ def main(argv=None) -> dict:
     if accelerator.is_main_process:
         torch.save(weights, os.path.join(args.out, "final_state.pt"))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # leave the process group before the exit (see neq_run.py)
     return out
 
 
