@@ -20,9 +20,10 @@ Dropout inside the frozen prefix is therefore off while the cache is in use (the
 mode, cached or not), as in AutoFreeze; the trainable layers keep their dropout. Padded positions enter layer ``k``
 as zeros: attention masks them out, so real tokens' outputs, the loss and every gradient are those of recomputation.
 
-In the last epoch of a run (NEq sets ``reuse_ahead=False`` there), a training batch none of whose samples is cached
-runs the plain forward, the prefix with its dropout: nothing computed then would be read again. A one-epoch run
-therefore trains as without the cache, bit for bit, apart from batches holding held-out samples the checks cached.
+In the last epoch of a run (NEq sets ``reuse_ahead=False`` there), a training batch none of whose samples a training
+forward cached runs the plain forward, the prefix with its dropout: nothing computed then would be read again. States
+the held-out checks cached do not count, so a one-epoch run trains as without the cache, bit for bit, also when the
+held-out samples are in the training set.
 
 When more layers freeze (``k`` goes up), entries are extended lazily: the next time a sample is seen, only layers
 ``k_old .. k-1`` run on its cached states. When a layer is released (``k`` goes down) or a prefix parameter is
@@ -74,6 +75,7 @@ class _Entry:
     depth: int  # the layer whose input these states are (== number of layers run)
     offset: int  # first row in the arena
     rows: int  # real tokens
+    trained: bool = False  # stored by a training forward (not only by a held-out check)
 
 
 @dataclass
@@ -121,8 +123,9 @@ class FrozenPrefixCache:
         self.serve_training = serve_training
         self._serve_eval = False
         self.depth = 0  # layers whose output is served from the cache
-        # False once no training sample will be drawn again (the last epoch): a batch none of whose samples is cached
-        # then runs the plain forward (the prefix with its dropout, nothing stored), as its states would not be read
+        # False once no training sample will be drawn again (the last epoch): a batch none of whose samples a training
+        # forward cached then runs the plain forward (the prefix with its dropout, nothing stored), as its states would
+        # not be read
         self.reuse_ahead = True
         self.stats = {
             "served": 0,
@@ -344,10 +347,10 @@ class FrozenPrefixCache:
             return None
         mask = _real_tokens(inputs)
         keys = _keys(inputs, mask)
-        if module.training and not self.reuse_ahead and not any(k in self._index for k in keys):
+        if module.training and not self.reuse_ahead and not any(self._trained(k) for k in keys):
             self.stats["plain_batches"] += 1
             return None
-        states = self._states(keys, inputs, mask, depth)
+        states = self._states(keys, inputs, mask, depth, trained=module.training)
         self._plan = _Plan(substitute_at=depth, states=states)
         return None
 
@@ -390,8 +393,13 @@ class FrozenPrefixCache:
             logger.warning("NEq frozen-prefix cache: forwards with %s run without the cache.", reason)
         return None
 
-    def _states(self, keys: list[bytes], inputs: dict, mask: torch.Tensor, depth: int) -> torch.Tensor:
-        """The states entering layer ``depth`` for the batch, computing (and storing) the missing ones."""
+    def _trained(self, key: bytes) -> bool:
+        entry = self._index.get(key)
+        return entry is not None and entry.trained
+
+    def _states(self, keys: list[bytes], inputs: dict, mask: torch.Tensor, depth: int, trained: bool) -> torch.Tensor:
+        """The states entering layer ``depth`` for the batch, computing (and storing) the missing ones; ``trained``:
+        for a training forward."""
         todo: dict[int, list[int]] = {}  # start depth -> samples to compute from there
         for i, key in enumerate(keys):
             entry = self._index.get(key)
@@ -403,7 +411,7 @@ class FrozenPrefixCache:
             captured = self._compute(inputs, mask, keys, idx, start, depth)
             for j, i in enumerate(idx):
                 rows = captured[j][mask[i]].cpu()
-                if not self._store(keys[i], rows, depth):
+                if not self._store(keys[i], rows, depth, trained):
                     loose[i] = rows
             self.stats["extended" if start else "computed"] += len(idx)
         self.stats["served"] += len(keys) - sum(len(idx) for idx in todo.values())
@@ -436,15 +444,17 @@ class FrozenPrefixCache:
         return plan.captured
 
     # -- storage --------------------------------------------------------------------------------------------------
-    def _store(self, key: bytes, rows: torch.Tensor, depth: int) -> bool:
+    def _store(self, key: bytes, rows: torch.Tensor, depth: int, trained: bool) -> bool:
         entry = self._index.get(key)
         if entry is not None and entry.depth == depth:
+            entry.trained |= trained
             return True  # a duplicate within the batch
         if self._arena is None:
             self._allocate(rows.shape[1], rows.dtype)
         if entry is not None and entry.rows == rows.shape[0]:
             self._arena[entry.offset : entry.offset + entry.rows] = rows
             entry.depth = depth
+            entry.trained |= trained
             return True
         if self._used + rows.shape[0] > self._arena.shape[0]:
             if entry is not None:
@@ -459,7 +469,7 @@ class FrozenPrefixCache:
                 )
             return False
         self._arena[self._used : self._used + rows.shape[0]] = rows
-        self._index[key] = _Entry(depth, self._used, rows.shape[0])
+        self._index[key] = _Entry(depth, self._used, rows.shape[0], trained)
         self._used += rows.shape[0]
         self.peak = {
             "samples": max(self.peak["samples"], len(self)),

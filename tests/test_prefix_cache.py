@@ -560,7 +560,7 @@ def test_auto_is_off_on_an_accelerator(tmp_path):
     assert engine._auto_cache_training() is False
 
 
-def _epochs_run(tmp_path, name, epochs, cache):
+def _epochs_run(tmp_path, name, epochs, cache, probes_in_train=False):
     from conftest import training_args
 
     from neq_hf import NEqTrainer
@@ -571,8 +571,9 @@ def _epochs_run(tmp_path, name, epochs, cache):
         args=training_args(tmp_path / name, max_steps=-1, num_train_epochs=epochs, learning_rate=3e-3, seed=1),
         train_dataset=token_dataset(96),
         data_collator=pad_collator,
-        neq_dataset=token_dataset(16, seed=5),  # probes outside the training set: no training sample is cached by them
-        neq_config=NEqConfig(min_loss_drop=0, check_every=2, cache_frozen_prefix=cache),
+        # probes outside the training set, or 16 carved from it and still trained on (which the checks cache)
+        neq_dataset=None if probes_in_train else token_dataset(16, seed=5),
+        neq_config=NEqConfig(min_loss_drop=0, check_every=2, holdout_size=16, cache_frozen_prefix=cache),
     )
     trainer.train()
     return trainer
@@ -591,3 +592,16 @@ def test_the_last_epoch_runs_uncached_batches_without_the_cache(tmp_path, script
     # two epochs: the second serves what the first stored
     two = _epochs_run(tmp_path, "two", 2, "auto").neq_callback.engine.prefix_cache
     assert two.stats["served"] > 0
+
+
+def test_the_last_epoch_runs_batches_with_cached_probes_without_the_cache(tmp_path, scripted_freezing):
+    # the checks cache the probes' states; with the probes in the training set, a batch holding some of them is served
+    # only in part and runs the plain forward too: one epoch is still the run without the cache, bit for bit
+    cached = _epochs_run(tmp_path, "one", 1, "auto", probes_in_train=True)
+    cache = cached.neq_callback.engine.prefix_cache
+    assert cache.peak["samples"] > 0 and cache.stats["served"] > 0  # the checks cached and read the probes
+    assert cache.stats["plain_batches"] > 0
+    plain = _epochs_run(tmp_path, "one_plain", 1, False, probes_in_train=True)
+    params = dict(plain.model.named_parameters())
+    for n, p in cached.model.named_parameters():
+        assert torch.equal(params[n], p), n
