@@ -226,6 +226,7 @@ class NEq:
         self._losses: list[tuple[int, float]] = []  # (step, training loss) given to observe_loss
         self._step_losses: list[torch.Tensor] = []  # losses given to record_step_loss since the last check
         self._last_check_step = 0
+        self._interval: Optional[tuple[int, Optional[float]]] = None  # (step, mean training loss) read at that step
         self._max_steps: Optional[int] = None
         self._last_epoch_from: Optional[int] = None
         self._warned: set[str] = set()  # guard rails already fired in this run
@@ -268,7 +269,7 @@ class NEq:
         self._locate_prefix_cache()  # (again after close(): a resumed run rebuilds the cache)
         self._clock = time.perf_counter()
         self._set_reuse_ahead(0)
-        if self.tracker.t == 0:
+        if self.tracker.t == 0 and not self._checks_wait_for_loss():
             self.run_check(0, 0.0)  # the reference outputs
         return self
 
@@ -365,14 +366,41 @@ class NEq:
             self.observe_loss(global_step, loss)
         self._set_reuse_ahead(global_step)
         if self.check_every != "epoch" and global_step % int(self.check_every) == 0:
-            return self.run_check(global_step, epoch)
+            return self._due_check(global_step, epoch)
         return None
 
     def epoch_end(self, global_step: int, epoch: Optional[float] = None) -> Optional[dict]:
         """Call at the end of every epoch; runs a check with `check_every="epoch"`."""
         if self.check_every == "epoch":
-            return self.run_check(global_step, epoch)
+            return self._due_check(global_step, epoch)
         return None
+
+    def _due_check(self, global_step: int, epoch: Optional[float]) -> Optional[dict]:
+        if self.tracker.t == 0 and self._checks_wait_for_loss() and self._before_checks_start(global_step):
+            return None
+        return self.run_check(global_step, epoch)
+
+    def _checks_wait_for_loss(self) -> bool:
+        """`NEqConfig.checks_from_loss_drop`: with the progress gate on, the checks start once the loss has dropped."""
+        return bool(self.config.min_loss_drop) and self.config.checks_from_loss_drop > 0
+
+    def _before_checks_start(self, global_step: int) -> bool:
+        """Whether a due check waits for the training loss (`NEqConfig.checks_from_loss_drop`): True while the loss
+        of the last interval is above ``(1 - checks_from_loss_drop) x`` its start (the first interval's). Without a
+        loss to read the checks start at once, and the gate's own warnings apply."""
+        tracker = self.tracker
+        now = self._interval_loss(global_step)
+        self._last_check_step = global_step
+        if now is None or not math.isfinite(now):
+            return False
+        if tracker.loss_start is None:
+            tracker.loss_start = now
+            return True
+        drop = min(self.config.checks_from_loss_drop, self.config.min_loss_drop)
+        if now <= (1 - drop) * tracker.loss_start or tracker.loss_start <= 0:
+            return False
+        self._warn_gate_closed(global_step, now)
+        return True
 
     # -- checks ---------------------------------------------------------------------------------------------------
     def _all_reduce(self, flat: torch.Tensor) -> torch.Tensor:
@@ -456,15 +484,21 @@ class NEq:
             self._step_losses.append(loss.detach().float().mean())
 
     def _interval_loss(self, global_step: int) -> Optional[float]:
-        """Mean training loss since the last check: the recorded step losses (averaged over processes), else the
-        logged ones given to [`observe_loss`]; `None` when there is none."""
+        """Mean training loss since the last due check: the recorded step losses (averaged over processes), else the
+        logged ones given to [`observe_loss`]; `None` when there is none. Read once per step (a second call at the
+        same step returns the same value)."""
+        if self._interval is not None and self._interval[0] == global_step:
+            return self._interval[1]
         if self._step_losses:
             losses, self._step_losses = torch.stack(self._step_losses), []
             flat = torch.stack([losses.sum(), torch.tensor(float(losses.numel()), device=losses.device)])
             flat = self._all_reduce(flat.double().cpu())
-            return float(flat[0] / flat[1])
-        logged = [v for s, v in self._losses if self._last_check_step < s <= global_step]
-        return sum(logged) / len(logged) if logged else None
+            now = float(flat[0] / flat[1])
+        else:
+            logged = [v for s, v in self._losses if self._last_check_step < s <= global_step]
+            now = sum(logged) / len(logged) if logged else None
+        self._interval = (global_step, now)
+        return now
 
     def _update_gate(self, global_step: int) -> None:
         """Hold every decision until the training loss has dropped by `min_loss_drop` from its start (the mean of the
@@ -491,13 +525,16 @@ class NEq:
         if now <= (1 - drop) * tracker.loss_start or tracker.loss_start <= 0:
             tracker.gate_step, tracker.hold = global_step, False
             return
+        self._warn_gate_closed(global_step, now)
+
+    def _warn_gate_closed(self, global_step: int, now: float) -> None:
         if self._max_steps and global_step >= self._max_steps // 2:
             self._warn(
                 "gate_closed",
                 f"half of the run has passed and the training loss has not dropped by NEqConfig.min_loss_drop="
-                f"{drop:g} from its start ({tracker.loss_start:.4g} -> {now:.4g}), so NEq has frozen nothing: the run "
-                "is still on its initial plateau, or the task's loss cannot drop that much. Lower min_loss_drop (0 "
-                "disables the gate) if the run is learning.",
+                f"{self.config.min_loss_drop:g} from its start ({self.tracker.loss_start:.4g} -> {now:.4g}), so NEq "
+                "has frozen nothing: the run is still on its initial plateau, or the task's loss cannot drop that "
+                "much. Lower min_loss_drop (0 disables the gate) if the run is learning.",
             )
 
     # -- guard rails ----------------------------------------------------------------------------------------------
@@ -737,6 +774,8 @@ class NEq:
         out = {
             "units": self.unit_map.summary(),
             "checks": len(checks),
+            # NEqConfig.checks_from_loss_drop: the step of the reference check (None: not made yet)
+            "reference_step": self.tracker.history[0]["step"] if self.tracker.history else None,
             "check_every": self.check_every,
             "check_seconds": self.check_seconds,
             "train_seconds": train_seconds,
@@ -756,6 +795,12 @@ class NEq:
         if self.prefix_cache is not None:
             out["prefix_cache"] = self.prefix_cache.summary()
         if not checks:
+            # nothing measured yet (e.g. the checks still wait for the loss: NEqConfig.checks_from_loss_drop), so
+            # nothing was frozen
+            out["final_trainable_parameters"] = self.freezer.trainable_parameters()
+            out["final_frozen_fraction"] = out["average_frozen_fraction"] = 0.0
+            for kind in kinds:
+                out[f"final_frozen_fraction/{kind}"] = out[f"average_frozen_fraction/{kind}"] = 0.0
             return out
         last = checks[-1]
         out["final_trainable_parameters"] = last["trainable_parameters"]

@@ -242,8 +242,10 @@ def render_neq_section(
         share = (
             f", {fraction:.1%} of the training time ({summary.get('train_seconds', 0.0):.1f} s)" if fraction else ""
         )
+        start = summary.get("reference_step")
+        start = f" (made at step {start})" if start else ""
         cost.append(
-            f"- Held-out checks: {summary['checks']} after the reference check, "
+            f"- Held-out checks: {summary['checks']} after the reference check{start}, "
             f"{summary.get('check_seconds', 0.0):.1f} s in total{share}."
         )
     if summary.get("loss_start") is not None:

@@ -109,6 +109,18 @@ def test_ddp_progress_gate_agrees_across_processes(tmp_path):
     assert held[0] == 1 and r0["records"][-1]["loss_start"] is not None  # the first interval sets the start
 
 
+def test_ddp_checks_wait_for_the_same_loss_on_every_process(tmp_path):
+    """NEqConfig.checks_from_loss_drop: the checks start when the loss averaged over processes has dropped, so every
+    process makes its reference check at the same step."""
+    result = run_neq(tmp_path, *BERT_RUN, "--min_loss_drop", "0.005", "--checks_from_loss_drop", "0.002")
+    assert_ok(result)
+    r0, r1 = load_ranks(tmp_path)
+    assert r0["violations"] == [] and r1["violations"] == []
+    for key in ("step", "held", "loss_start", "gate_step", "digest"):
+        assert [r[key] for r in r0["records"]] == [r[key] for r in r1["records"]], key
+    assert r0["records"] and r0["records"][0]["step"] > 0  # no reference check at step 0
+
+
 def test_ddp_tensors_switched_to_no_grad_mid_training(bert_run):
     # Whole tensors leave DDP's graph while training goes on: without find_unused_parameters=True this raises
     # "Expected to have finished reduction" (or hangs) at the next backward.

@@ -16,7 +16,14 @@ from neq_hf.units import discover_units
 
 def _engine(**config) -> NEq:
     # absolute rule with a huge eps: every unit is at equilibrium, so what freezes is decided by the gate alone
-    config = {"criterion": "absolute", "eps": 1e9, "layer_threshold": 1.0, "granularity": "unit", **config}
+    config = {
+        "criterion": "absolute",
+        "eps": 1e9,
+        "layer_threshold": 1.0,
+        "granularity": "unit",
+        "checks_from_loss_drop": 0.0,  # a reference check at setup; the waiting is tested on its own below
+        **config,
+    }
     cfg = NEqConfig(check_every=2, **config)
     return NEq(tiny_classifier("bert"), cfg, token_dataset(16, with_labels=False), data_collator=pad_collator)
 
@@ -73,6 +80,58 @@ def test_gate_warns_when_no_loss_arrives(caplog):
     assert any("min_loss_drop needs the training loss" in w for w in neq.warnings)
 
 
+def _step(neq: NEq, step: int, loss: float):
+    neq.record_step_loss(torch.tensor(loss))
+    return neq.step_end(step)
+
+
+def test_checks_wait_until_the_loss_dropped_by_checks_from_loss_drop():
+    neq = _engine(min_loss_drop=0.2, checks_from_loss_drop=0.1).setup(max_steps=40)
+    assert neq.tracker.history == []  # no reference check at setup
+    losses = {1: 1.0, 2: 1.0, 3: 0.95, 4: 0.93, 5: 0.9, 6: 0.86, 7: 0.85, 8: 0.85, 9: 0.7, 10: 0.7}
+    records = {step: _step(neq, step, loss) for step, loss in losses.items()}
+    # step 2 sets the start (1.0); 0.94 at step 4 is above 0.9; 0.88 at step 6 is not: the reference outputs
+    assert records[2] is None and records[4] is None and neq.tracker.loss_start == pytest.approx(1.0)
+    assert [h["step"] for h in neq.tracker.history] == [6, 8, 10]
+    assert records[6]["check"] == 0 and records[8]["held"] == 1  # 0.85 > 0.8: the gate holds
+    # 0.7 <= 0.8 opens the gate at step 10, the second check after the reference: the first that can decide
+    assert neq.tracker.gate_step == 10 and records[10]["held"] == 0 and _frozen_fraction(neq) == 1.0
+    assert neq.summary()["reference_step"] == 6
+
+
+def test_checks_that_wait_resume_where_they_stopped():
+    def run(neq, steps):
+        return [_step(neq, step, 1.0 if step <= 4 else 0.85) for step in steps]
+
+    whole = _engine(min_loss_drop=0.2, checks_from_loss_drop=0.1).setup(max_steps=40)
+    run(whole, range(1, 11))
+    first = _engine(min_loss_drop=0.2, checks_from_loss_drop=0.1).setup(max_steps=40)
+    run(first, range(1, 5))
+    state = first.state_dict()  # at step 4: the start is known, no reference yet
+    assert first.tracker.t == 0 and first.tracker.loss_start == pytest.approx(1.0)
+    again = _engine(min_loss_drop=0.2, checks_from_loss_drop=0.1)
+    again.load_state_dict(state)
+    again.setup(max_steps=40)
+    assert again.tracker.history == []
+    run(again, range(5, 11))
+    assert [h["step"] for h in again.tracker.history] == [h["step"] for h in whole.tracker.history] == [6, 8, 10]
+
+
+def test_checks_start_at_once_without_a_loss_or_without_the_gate():
+    no_loss = _engine(min_loss_drop=0.2, checks_from_loss_drop=0.1).setup(max_steps=40)
+    assert no_loss.tracker.history == [] and no_loss.step_end(2)["check"] == 0  # nothing to wait for
+    no_gate = _engine(min_loss_drop=0.0, checks_from_loss_drop=0.1).setup(max_steps=40)
+    assert [h["step"] for h in no_gate.tracker.history] == [0]  # the reference at setup, as always
+
+
+def test_checks_that_wait_still_warn_when_the_loss_never_drops():
+    neq = _engine(min_loss_drop=0.2, checks_from_loss_drop=0.1).setup(max_steps=8)
+    for step in range(1, 9):
+        assert _step(neq, step, 1.0) is None
+    assert neq.tracker.history == [] and neq.summary()["final_frozen_fraction"] == 0.0
+    assert any("has not dropped by NEqConfig.min_loss_drop" in w for w in neq.warnings)
+
+
 def _easy_dataset(n: int):
     """A task the tiny model learns in a few steps: the label is whether the first token is in the lower half."""
     from conftest import VOCAB
@@ -96,14 +155,20 @@ def test_trainer_run_on_a_plateau_freezes_nothing_and_says_so(tmp_path):
     """No learning (learning rate 0): the loss never drops, so NEq freezes nothing although every unit is at rest,
     and warns once half of the run has passed. The Trainer's logs are too sparse here (logging_steps=100): the gate
     reads the loss of every step, which NEqTrainer records."""
-    plateau = _trainer_run(tmp_path, "plateau", learning_rate=0.0, min_loss_drop=0.1)
-    engine = plateau.neq_callback.engine
-    checks = [h for h in engine.tracker.history if h["check"] > 0]
-    assert checks and all(h["held"] == 1 and h["frozen_fraction"] == 0.0 for h in checks)
-    assert engine.tracker.loss_start is not None and engine.tracker.gate_step is None
-    assert any("has not dropped by NEqConfig.min_loss_drop" in w for w in engine.warnings)
-    for p in plateau.model.parameters():
-        assert p.requires_grad
+    for wait in (0.0, 0.03):  # checks from step 0, or (the default) once the loss dropped by 3%: never here
+        plateau = _trainer_run(
+            tmp_path / str(wait), "plateau", learning_rate=0.0, min_loss_drop=0.1, checks_from_loss_drop=wait
+        )
+        engine = plateau.neq_callback.engine
+        checks = [h for h in engine.tracker.history if h["check"] > 0]
+        if wait:
+            assert engine.tracker.history == [] and engine.summary()["final_frozen_fraction"] == 0.0
+        else:
+            assert checks and all(h["held"] == 1 and h["frozen_fraction"] == 0.0 for h in checks)
+        assert engine.tracker.loss_start is not None and engine.tracker.gate_step is None
+        assert any("has not dropped by NEqConfig.min_loss_drop" in w for w in engine.warnings)
+        for p in plateau.model.parameters():
+            assert p.requires_grad
 
 
 def test_trainer_run_that_learns_opens_the_gate(tmp_path):
@@ -188,10 +253,18 @@ def test_the_default_layer_granularity_leaves_no_partly_frozen_tensor(tmp_path):
 
 
 def test_config_validates_the_new_fields():
-    for field, value in (("granularity", "neuron"), ("min_loss_drop", 1.0), ("min_loss_drop", -0.1)):
+    for field, value in (
+        ("granularity", "neuron"),
+        ("min_loss_drop", 1.0),
+        ("min_loss_drop", -0.1),
+        ("checks_from_loss_drop", -0.01),
+        ("checks_from_loss_drop", 1.0),
+        ("checks_from_loss_drop", True),
+    ):
         with pytest.raises(ValueError, match=f"NEqConfig.{field}="):
             NEqConfig(**{field: value})
     assert NEqConfig().min_loss_drop == 0.1 and NEqConfig().granularity == "layer"
+    assert NEqConfig().checks_from_loss_drop == 0.03
 
 
 def test_auto_granularity_is_unit_on_cpu_and_layer_on_cuda_for_small_models(monkeypatch):

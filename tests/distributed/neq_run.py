@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, default=1e-2)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min_loss_drop", type=float, default=0.0, help="NEqConfig.min_loss_drop (0: no gate)")
+    p.add_argument(
+        "--checks_from_loss_drop", type=float, default=0.0, help="NEqConfig.checks_from_loss_drop (0: from step 0)"
+    )
     p.add_argument("--batch_size", type=int, default=4, help="per process")
     p.add_argument("--train_samples", type=int, default=160)
     p.add_argument("--holdout_samples", type=int, default=24)
@@ -122,6 +125,7 @@ class Probe(TrainerCallback):
         self.neq = neq_callback
         self.out_dir = out_dir
         self.records: list[dict] = []
+        self.checks_seen = 0  # records of the tracker's history already seen
         self.violations: list[str] = []
         self.parts: list = []
         self.values: list[torch.Tensor] = []
@@ -129,6 +133,9 @@ class Probe(TrainerCallback):
 
     def _after_check(self, state) -> None:
         cb, tracker = self.neq, self.neq.tracker
+        if len(tracker.history) == self.checks_seen:
+            return  # no check was due, or the checks wait for the loss (NEqConfig.checks_from_loss_drop)
+        self.checks_seen = len(tracker.history)
         # 1. Whatever the previous check froze is bit-identical now.
         for (name, *_), before, after in zip(self.parts, self.values, read(self.parts)):
             self.frozen_elements += before.numel()
@@ -223,6 +230,7 @@ def main(argv=None):
     )
     config = NEqConfig(
         min_loss_drop=args.min_loss_drop,
+        checks_from_loss_drop=args.checks_from_loss_drop,
         criterion="absolute",
         layer_threshold=1.0,
         granularity="unit",
