@@ -801,6 +801,8 @@ class NEq:
             out["final_frozen_fraction"] = out["average_frozen_fraction"] = 0.0
             for kind in kinds:
                 out[f"final_frozen_fraction/{kind}"] = out[f"average_frozen_fraction/{kind}"] = 0.0
+                out[f"final_per_layer/{kind}"] = [0.0] * len(self.tracker.layers)
+                out[f"average_per_layer/{kind}"] = [0.0] * len(self.tracker.layers)
             return out
         last = checks[-1]
         out["final_trainable_parameters"] = last["trainable_parameters"]

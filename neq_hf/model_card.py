@@ -243,11 +243,17 @@ def render_neq_section(
             f", {fraction:.1%} of the training time ({summary.get('train_seconds', 0.0):.1f} s)" if fraction else ""
         )
         start = summary.get("reference_step")
-        start = f" (made at step {start})" if start else ""
-        cost.append(
-            f"- Held-out checks: {summary['checks']} after the reference check{start}, "
-            f"{summary.get('check_seconds', 0.0):.1f} s in total{share}."
-        )
+        if "reference_step" in summary and start is None:
+            cost.append(
+                "- Held-out checks: none ran (they wait until the training loss has dropped by "
+                "`checks_from_loss_drop` from its start)."
+            )
+        else:
+            start = f" (made at step {start})" if start else ""
+            cost.append(
+                f"- Held-out checks: {summary['checks']} after the reference check{start}, "
+                f"{summary.get('check_seconds', 0.0):.1f} s in total{share}."
+            )
     if summary.get("loss_start") is not None:
         gate = summary.get("gate_step")
         cost.append(

@@ -10,6 +10,7 @@ from conftest import pad_collator, tiny_classifier, token_dataset, training_args
 
 import neq_hf.engine as engine_module
 from neq_hf import NEq, NEqConfig, NEqTrainer, NEqTrainerCallback
+from neq_hf.model_card import render_neq_section
 from neq_hf.tracker import EquilibriumTracker
 from neq_hf.units import discover_units
 
@@ -163,6 +164,8 @@ def test_trainer_run_on_a_plateau_freezes_nothing_and_says_so(tmp_path):
         checks = [h for h in engine.tracker.history if h["check"] > 0]
         if wait:
             assert engine.tracker.history == [] and engine.summary()["final_frozen_fraction"] == 0.0
+            section = render_neq_section(plateau.neq_config, engine.summary())  # the model card's NEq section
+            assert "Held-out checks: none ran" in section and "| all |  | 0.0% | 0.0% |" in section
         else:
             assert checks and all(h["held"] == 1 and h["frozen_fraction"] == 0.0 for h in checks)
         assert engine.tracker.loss_start is not None and engine.tracker.gate_step is None
