@@ -220,6 +220,7 @@ class NEq:
         self.check_every: Union[int, str] = self.config.check_every  # "auto" is resolved by setup()
         self._check_cost_steps: Optional[float] = None  # a check's estimated cost in optimizer steps (setup)
         self.check_seconds = 0.0
+        self.waited_checks = 0  # due checks skipped while waiting for the loss (NEqConfig.checks_from_loss_drop)
         self.train_seconds = 0.0
         self._clock: Optional[float] = None
         self._pending: dict[str, float] = {}
@@ -377,6 +378,7 @@ class NEq:
 
     def _due_check(self, global_step: int, epoch: Optional[float]) -> Optional[dict]:
         if self.tracker.t == 0 and self._checks_wait_for_loss() and self._before_checks_start(global_step):
+            self.waited_checks += 1
             return None
         return self.run_check(global_step, epoch)
 
@@ -623,6 +625,7 @@ class NEq:
             "holdout_size": self.holdout_size,
             "check_every": self.check_every,
             "check_seconds": self.check_seconds,
+            "waited_checks": self.waited_checks,
             "train_seconds": self.train_seconds + self._elapsed(),
         }
 
@@ -647,6 +650,7 @@ class NEq:
             self.prefix_cache.update(self.freezer)
         self.check_every = state["check_every"]
         self.check_seconds = state["check_seconds"]
+        self.waited_checks = state.get("waited_checks", 0)
         self.train_seconds = state["train_seconds"]
         if self._clock is not None:
             self._clock = time.perf_counter()
@@ -776,6 +780,7 @@ class NEq:
             "checks": len(checks),
             # NEqConfig.checks_from_loss_drop: the step of the reference check (None: not made yet)
             "reference_step": self.tracker.history[0]["step"] if self.tracker.history else None,
+            "waited_checks": self.waited_checks,
             "check_every": self.check_every,
             "check_seconds": self.check_seconds,
             "train_seconds": train_seconds,
@@ -807,14 +812,17 @@ class NEq:
         last = checks[-1]
         out["final_trainable_parameters"] = last["trainable_parameters"]
         out["final_frozen_fraction"] = last["frozen_fraction"]
-        out["average_frozen_fraction"] = sum(h["frozen_fraction"] for h in checks) / len(checks)
+        # averages over the checks that were due after step 0, those skipped while the checks waited for the loss
+        # (NEqConfig.checks_from_loss_drop) and a late reference check counting as checks that froze nothing
+        due = len(checks) + self.waited_checks + (1 if self.tracker.history[0]["step"] > 0 else 0)
+        out["average_frozen_fraction"] = sum(h["frozen_fraction"] for h in checks) / due
         for kind in kinds:
             out[f"final_frozen_fraction/{kind}"] = last[f"frozen_fraction/{kind}"]
-            out[f"average_frozen_fraction/{kind}"] = sum(h[f"frozen_fraction/{kind}"] for h in checks) / len(checks)
+            out[f"average_frozen_fraction/{kind}"] = sum(h[f"frozen_fraction/{kind}"] for h in checks) / due
             out[f"final_per_layer/{kind}"] = last[f"per_layer/{kind}"]
             layers = len(last[f"per_layer/{kind}"])
             out[f"average_per_layer/{kind}"] = [
-                sum(h[f"per_layer/{kind}"][i] for h in checks) / len(checks) for i in range(layers)
+                sum(h[f"per_layer/{kind}"][i] for h in checks) / due for i in range(layers)
             ]
         return out
 

@@ -97,7 +97,10 @@ def test_checks_wait_until_the_loss_dropped_by_checks_from_loss_drop():
     assert records[6]["check"] == 0 and records[8]["held"] == 1  # 0.85 > 0.8: the gate holds
     # 0.7 <= 0.8 opens the gate at step 10, the second check after the reference: the first that can decide
     assert neq.tracker.gate_step == 10 and records[10]["held"] == 0 and _frozen_fraction(neq) == 1.0
-    assert neq.summary()["reference_step"] == 6
+    summary = neq.summary()
+    assert summary["reference_step"] == 6 and summary["waited_checks"] == 2
+    # the average counts the due checks at steps 2, 4 (waited) and 6 (the reference) as freezing nothing
+    assert summary["average_frozen_fraction"] == pytest.approx((0.0 + 1.0) / 5)
 
 
 def test_checks_that_wait_resume_where_they_stopped():
@@ -116,6 +119,8 @@ def test_checks_that_wait_resume_where_they_stopped():
     assert again.tracker.history == []
     run(again, range(5, 11))
     assert [h["step"] for h in again.tracker.history] == [h["step"] for h in whole.tracker.history] == [6, 8, 10]
+    timing = {"train_seconds": 0, "check_seconds": 0, "check_time_fraction": 0}
+    assert again.summary() | timing == whole.summary() | timing
 
 
 def test_checks_start_at_once_without_a_loss_or_without_the_gate():
