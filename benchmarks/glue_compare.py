@@ -476,6 +476,18 @@ def describe(results: list[dict], tasks: list[str], groups: dict, results_dir: s
             if opened and len(opened) < len(gates):
                 when += f", never in {len(gates) - len(opened)}"
             extras += f", no freezing before the training loss dropped by {c['min_loss_drop']:g} ({when})"
+            wait = min(c.get("checks_from_loss_drop", 0.0), c["min_loss_drop"])
+            if wait:
+                starts = sorted(
+                    r["neq"]["summary"].get("reference_step")
+                    for r in results
+                    if r["method"] == method and "neq" in r and r["neq"]["summary"].get("reference_step") is not None
+                )
+                span = ""
+                if starts:
+                    steps = f"{starts[0]}–{starts[-1]}" if starts[0] != starts[-1] else f"{starts[0]}"
+                    span = f", the reference check at step {steps}"
+                extras += f", held-out checks from a loss drop of {wait:g} on{span}"
         lines.append(
             f"- {method}: {rule}, mu {c['mu']:g}, layer_threshold {c.get('layer_threshold', 1.0):g}{extras}, a check "
             f"every {_every(c['check_every'], run['neq']['summary'].get('check_every'))} on "

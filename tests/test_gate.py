@@ -22,7 +22,6 @@ def _engine(**config) -> NEq:
         "eps": 1e9,
         "layer_threshold": 1.0,
         "granularity": "unit",
-        "checks_from_loss_drop": 0.0,  # a reference check at setup; the waiting is tested on its own below
         **config,
     }
     cfg = NEqConfig(check_every=2, **config)
@@ -161,7 +160,7 @@ def test_trainer_run_on_a_plateau_freezes_nothing_and_says_so(tmp_path):
     """No learning (learning rate 0): the loss never drops, so NEq freezes nothing although every unit is at rest,
     and warns once half of the run has passed. The Trainer's logs are too sparse here (logging_steps=100): the gate
     reads the loss of every step, which NEqTrainer records."""
-    for wait in (0.0, 0.03):  # checks from step 0, or (the default) once the loss dropped by 3%: never here
+    for wait in (0.0, 0.03):  # checks from step 0 (the default), or once the loss dropped by 3%: never here
         plateau = _trainer_run(
             tmp_path / str(wait), "plateau", learning_rate=0.0, min_loss_drop=0.1, checks_from_loss_drop=wait
         )
@@ -272,7 +271,7 @@ def test_config_validates_the_new_fields():
         with pytest.raises(ValueError, match=f"NEqConfig.{field}="):
             NEqConfig(**{field: value})
     assert NEqConfig().min_loss_drop == 0.1 and NEqConfig().granularity == "layer"
-    assert NEqConfig().checks_from_loss_drop == 0.03
+    assert NEqConfig().checks_from_loss_drop == 0.0
 
 
 def test_auto_granularity_is_unit_on_cpu_and_layer_on_cuda_for_small_models(monkeypatch):

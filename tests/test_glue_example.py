@@ -318,7 +318,7 @@ def test_main_end_to_end(tiny_bert, mrpc_dir, tmp_path, method, capsys):
          "--output_dir", str(out), "--max_train_samples", "40", "--max_eval_samples", "12", "--num_train_epochs", "1",
          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3",
          "--check_every", "1", "--holdout_size", "8", "--eps", "0.05", "--criterion", "absolute", "--layer_threshold", "1", "--granularity", "unit", "--lora_target_modules", "query", "value",
-         "--checks_from_loss_drop", "0", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
+         "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true",
          "--seed", "1", "--save_model", str(method == "neq_lora")]
     )  # fmt: skip
     with open(out / "results.json") as f:

@@ -156,8 +156,7 @@ def example_args(model: str, glue_dir: str, out: Path, *extra: str) -> list[str]
         "--model_name_or_path", model, "--task_name", "mrpc", "--method", "neq", "--glue_dir", glue_dir,
         "--output_dir", str(out), "--max_train_samples", "40", "--max_eval_samples", "12", "--num_train_epochs", "2",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16", "--learning_rate", "1e-3",
-        "--check_every", "2", "--holdout_size", "8", "--eps", "0.05", "--checks_from_loss_drop", "0", "--seed", "1",
-        "--cpu", "true", *extra,
+        "--check_every", "2", "--holdout_size", "8", "--eps", "0.05", "--seed", "1", "--cpu", "true", *extra,
     ]  # fmt: skip
 
 

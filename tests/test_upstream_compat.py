@@ -158,7 +158,6 @@ def test_evaluation_and_prediction_without_a_training_set(tmp_path):
     trainer.train_dataset = token_dataset(96)
     trainer.neq_config.holdout_size = 16
     trainer.neq_config.check_every = 2
-    trainer.neq_config.checks_from_loss_drop = 0.0  # a check every 2 steps from step 0
     trainer.train()
     assert len(trainer.neq_dataset) == 16 and len(trainer.train_dataset) == 96  # the probes stay in training
     assert len(trainer.neq_callback.tracker.history) == 7
