@@ -76,6 +76,9 @@ class NEqConfig:
             on the 500-step SST-2 run the loss fell by 10% within the first two check intervals, the first decision
             came at step 100 instead of 50, after the window in which layer 0 was at rest, and nothing froze at all.
             Hence off by default. No effect without the gate or when no training loss is known at a check.
+
+        > Held-out split and schedule
+
         check_every (`str` or `int`, defaults to `"auto"`):
             When to run the held-out check: `"auto"` (every 5% of the run's optimizer steps, i.e. 20 checks, so that
             the velocity's scale does not depend on the length of the run and the first decision comes at 10% of

@@ -398,8 +398,7 @@ class NEq:
         if tracker.loss_start is None:
             tracker.loss_start = now
             return True
-        drop = min(self.config.checks_from_loss_drop, self.config.min_loss_drop)
-        if now <= (1 - drop) * tracker.loss_start or tracker.loss_start <= 0:
+        if self._dropped_by(now, min(self.config.checks_from_loss_drop, self.config.min_loss_drop)):
             return False
         self._warn_gate_closed(global_step, now)
         return True
@@ -524,10 +523,15 @@ class NEq:
         if tracker.loss_start is None:
             tracker.loss_start = now
             return
-        if now <= (1 - drop) * tracker.loss_start or tracker.loss_start <= 0:
+        if self._dropped_by(now, drop):
             tracker.gate_step, tracker.hold = global_step, False
             return
         self._warn_gate_closed(global_step, now)
+
+    def _dropped_by(self, now: float, drop: float) -> bool:
+        """Whether the interval loss ``now`` is at least ``drop`` (a fraction) below the start."""
+        start = self.tracker.loss_start
+        return now <= (1 - drop) * start or start <= 0
 
     def _warn_gate_closed(self, global_step: int, now: float) -> None:
         if self._max_steps and global_step >= self._max_steps // 2:
