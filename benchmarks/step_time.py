@@ -11,9 +11,10 @@ medians over repetitions after warm-up, as ratios to the plain step measured in 
   plus the optimizer state held.
 
 Settings: (a) nothing frozen, (b) 50% / (c) 90% of heads and neurons frozen at random in every layer, (d) every unit
-of the bottom half of the layers frozen, (e) every tracked unit frozen. Mechanism rows repeat a pattern with one
-mechanism switched (:data:`VARIANTS`): the masked optimizer step forced on (b), where by default partly frozen tensors
-are still written back, and off on (c) (the write-back that every partly frozen tensor used before).
+of the bottom 1, 2, half and 4 layers frozen (the embeddings with them), (e) every tracked unit frozen. Mechanism rows
+repeat a pattern with one mechanism switched (:data:`VARIANTS`): the masked optimizer step forced on (b), where by
+default partly frozen tensors are still written back, and off on (c) (the write-back that every partly frozen tensor
+used before).
 
     python benchmarks/step_time.py                       # writes benchmarks/results/step_time.{json,md}
     python benchmarks/step_time.py --readme README.md    # also refreshes the table in the README
@@ -41,7 +42,10 @@ from neq_hf import Freezer, discover_units
 from neq_hf.prefix_cache import FrozenPrefixCache
 
 HERE = Path(__file__).resolve().parent
-PATTERNS = ["a_none", "b_random50", "c_random90", "d_bottom_half", "e_all"]
+PATTERNS = ["a_none", "b_random50", "c_random90", "bottom1", "bottom2", "d_bottom_half", "bottom4", "e_all"]
+# bottom<k>: every unit of the bottom k layers frozen (with the embeddings below them), what NEq's default
+# (whole layers, from the bottom up) leaves after k layers froze; `benchmarks/targets.py` weighs these ratios by how
+# long each layer of a run stayed frozen.
 # Mechanism rows: a pattern above with one mechanism switched (same masks), to show what that mechanism buys.
 # ``masked_min_frozen``: fraction of frozen rows from which a tensor's optimizer step skips its frozen rows
 # (0: always; above 1: never, the frozen rows are written back after a whole-tensor step, as before).
@@ -56,7 +60,10 @@ LABELS = {
     "b_random50_masked": "(b) with the masked optimizer step forced",
     "c_random90": "(c) 90% random",
     "c_random90_writeback": "(c) with optimizer write-back (before)",
+    "bottom1": "(d) bottom layer frozen",
+    "bottom2": "(d) bottom 2 layers frozen",
     "d_bottom_half": "(d) bottom half frozen",
+    "bottom4": "(d) bottom 4 layers frozen",
     "e_all": "(e) all units frozen",
 }
 TARGETS = {"a_none": 1.03, "b_random50": 0.90, "c_random90": 0.78, "d_bottom_half": 0.72, "e_all": 0.50}
@@ -118,6 +125,8 @@ def pattern_masks(units, pattern: str, gen: torch.Generator) -> dict:
                 active[torch.randperm(n, generator=gen)[: round(frac * n)]] = False
             elif pattern == "d_bottom_half":
                 active = torch.full((n,), layer.index >= n_layers // 2, dtype=torch.bool)
+            elif pattern.startswith("bottom"):
+                active = torch.full((n,), layer.index >= int(pattern[len("bottom") :]), dtype=torch.bool)
             else:
                 active = torch.zeros(n, dtype=torch.bool)
             masks[(layer.index, kind)] = active
