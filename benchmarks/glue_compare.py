@@ -488,6 +488,8 @@ def describe(results: list[dict], tasks: list[str], groups: dict, results_dir: s
                     steps = f"{starts[0]}–{starts[-1]}" if starts[0] != starts[-1] else f"{starts[0]}"
                     span = f", the reference check at step {steps}"
                 extras += f", held-out checks from a loss drop of {wait:g} on{span}"
+        if c.get("settle_fraction"):
+            extras += f", no new freezing while s is above {c['settle_fraction']:g} of its peak (settle_fraction)"
         lines.append(
             f"- {method}: {rule}, mu {c['mu']:g}, layer_threshold {c.get('layer_threshold', 1.0):g}{extras}, a check "
             f"every {_every(c['check_every'], run['neq']['summary'].get('check_every'))} on "

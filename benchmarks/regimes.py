@@ -74,14 +74,24 @@ def _row(name: str, runs: list[dict], baseline: str, method: str) -> Optional[li
         frozen = f"{final:.0%} / {average:.0%}"
     else:
         frozen = "bottom layers, from step 0"
-    cpu = statistics.mean(r["train_cpu_seconds"] for r in neq) / statistics.mean(r["train_cpu_seconds"] for r in base)
+    # CPU time only between runs of one occasion: the machine's speed moved by up to 2x between occasions (results
+    # installed from a later occasion carry an "occasion" field; the earlier ones none)
+    paired = [(r, b) for r in neq for b in base if b["seed"] == r["seed"] and r.get("occasion") == b.get("occasion")]
+    if not paired:
+        paired = list(zip(neq, base))
+    cpu = statistics.mean(r["train_cpu_seconds"] for r, _ in paired) / statistics.mean(
+        b["train_cpu_seconds"] for _, b in paired
+    )
     seeds = ",".join(str(r["seed"]) for r in sorted(neq, key=lambda r: r["seed"]))
+    cpu_text = f"{cpu:.2f}×"
+    if len(paired) < len(neq):
+        cpu_text += " (seeds " + ",".join(str(r["seed"]) for r, _ in sorted(paired, key=lambda p: p[0]["seed"])) + ")"
     if method.startswith("neq") and method != "neq_control" and all("neq" in r for r in neq):
         # runs made before NEqConfig.min_loss_drop existed had no progress gate
         if not any(r["neq"]["config"].get("min_loss_drop") for r in neq):
             method += " (no gate)"
     return [name, f"{baseline} → {method}", seeds, f"{metric} {b:.1f} → {n:.1f}", f"{n - b:+.1f}",
-            frozen, f"{cpu:.2f}×"]  # fmt: skip
+            frozen, cpu_text]  # fmt: skip
 
 
 def render(args) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 from typing import Optional
@@ -37,7 +38,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid_dir", default=os.path.join(RESULTS, "glue"), help="results of the GLUE grid")
     p.add_argument("--long_dir", default=os.path.join(RESULTS, "glue_long"), help="results of the longer run")
-    p.add_argument("--step_time", default=os.path.join(RESULTS, "step_time.json"))
+    p.add_argument(
+        "--step_time",
+        nargs="+",
+        default=[
+            os.path.join(RESULTS, "step_time.json"),
+            os.path.join(RESULTS, "step_time_1thread", "step_time.json"),
+        ],
+        help="results of step_time.py (the README's table, 2 threads; the same with 1 thread, as the GLUE runs)",
+    )
+    p.add_argument(
+        "--profile_step_time",
+        default=os.path.join(RESULTS, "step_time_1thread", "step_time.json"),
+        help="the step_time.py results whose bottom-k ratios price the profile (same threads as the GLUE runs)",
+    )
     p.add_argument("--tasks", nargs="+", default=["sst2", "mrpc"])
     p.add_argument("--max_seq_length", type=int, default=64)
     p.add_argument("--output", default=os.path.join(RESULTS, "targets.md"))
@@ -123,8 +137,9 @@ def _step_rows(path: str) -> list[list[str]]:
                 measured.append(f"{ratio:.3f} ({length} tokens)")
                 met &= ratio <= limit
         if measured:
-            rows.append([f"step time, {title}: ≤ {limit:.2f}×", "NEq's step (`step_time.py`)", ", ".join(measured),
-                         "met" if met else "missed"])  # fmt: skip
+            threads = data.get("meta", {}).get("threads", "?")
+            rows.append([f"step time, {title}: ≤ {limit:.2f}×", f"NEq's step (`step_time.py`, {threads} threads)",
+                         ", ".join(measured), "met" if met else "missed"])  # fmt: skip
     return rows
 
 
@@ -133,11 +148,19 @@ def _step_ratios(path: str, seq_len: int) -> dict[int, float]:
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
-        rows = json.load(f)["lengths"].get(str(seq_len), {})
+        data = json.load(f)
+    rows = data["lengths"].get(str(seq_len), {})
     ratios = {0: 1.0}
     for name, row in rows.items():
         if name.startswith("bottom"):
             ratios[int(name[len("bottom") :])] = row["cpu_time_ratio"]
+    # (d) bottom half and (e) all units: k = half and all of the layers, as the shape records them
+    layers = re.search(r"(\d+) layers", data.get("meta", {}).get("shape", ""))
+    if layers:
+        n = int(layers.group(1))
+        for name, k in (("d_bottom_half", n // 2), ("e_all", n)):
+            if name in rows:
+                ratios.setdefault(k, rows[name]["cpu_time_ratio"])
     return ratios
 
 
@@ -190,7 +213,8 @@ def render(args) -> str:
     for task in args.tasks:
         rows.append(_speed_row("NEq+LoRA default: ≤ 0.90× LoRA, within 0.5", grid, task, "neq_lora", "lora", 0.90,
                                0.5))  # fmt: skip
-    rows += _step_rows(args.step_time)
+    for path in args.step_time:
+        rows += _step_rows(path)
     # the longer run is not a target of its own: it shows whether the grid's picture holds over 500 steps
     for method, limit, tolerance, target in (
         ("neq", 0.85, 0.5, "default (500-step run)"),
@@ -204,7 +228,7 @@ def render(args) -> str:
     header = ["target", "setting", "measured", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    ratios = _step_ratios(args.step_time, args.max_seq_length)
+    ratios = _step_ratios(args.profile_step_time, args.max_seq_length)
     profile = []
     for folder, tasks in ((grid, args.tasks), (long, ["sst2"])):
         for task in tasks:

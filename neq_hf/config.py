@@ -66,6 +66,14 @@ class NEqConfig:
             the start of training, where freezing would keep the model there. Once open, the gate stays open. `0`
             disables it. `NEqTrainer` sees every step's loss; `NEqTrainerCallback` only the logged ones
             (`logging_steps`).
+        settle_fraction (`float`, defaults to `0`):
+            Movement gate: no layer or unit newly freezes at a check where the network still moves more than this
+            fraction of the most it has moved in the run, i.e. while `s_t > settle_fraction x max(s_1..s_t)`, with
+            `s` the scale of the relative rule (the median `1 - phi` of the layer that moves most). The relative rule
+            compares a unit with the fastest layer at the same check, so without this gate it finds the bottom
+            layers "at rest" most easily at the checks where the top of the network moves most, in the middle of a
+            burst of learning. A ratio of two scales, it does not depend on the learning rate or the check interval
+            either. Decisions already taken stand (a frozen layer is not released by the gate). `0` disables it.
         checks_from_loss_drop (`float`, defaults to `0`):
             With the progress gate on, start the held-out checks (the reference outputs included) only once the
             training loss has dropped by this fraction from its start (at most `min_loss_drop`), instead of at step 0:
@@ -210,6 +218,13 @@ class NEqConfig:
             "help": "No freezing before the training loss has dropped by this fraction from its start (0: no gate)."
         },
     )
+    settle_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "No new freezing while the network moves more than this fraction of the most it moved so far "
+            "(the relative rule's scale against its running maximum; 0: off)."
+        },
+    )
     checks_from_loss_drop: float = field(
         default=0.0,
         metadata={
@@ -349,6 +364,9 @@ class NEqConfig:
         mld = self.min_loss_drop
         if isinstance(mld, bool) or not isinstance(mld, (int, float)) or not 0 <= mld < 1:
             bad("min_loss_drop", "expected a fraction with 0 <= min_loss_drop < 1 (0: no gate)")
+        sf = self.settle_fraction
+        if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not 0 <= sf <= 1:
+            bad("settle_fraction", "expected a fraction with 0 <= settle_fraction <= 1 (0: no movement gate)")
         cfl = self.checks_from_loss_drop
         if isinstance(cfl, bool) or not isinstance(cfl, (int, float)) or not 0 <= cfl < 1:
             bad("checks_from_loss_drop", "expected a fraction with 0 <= checks_from_loss_drop < 1 (0: from step 0)")

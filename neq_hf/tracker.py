@@ -48,6 +48,10 @@ class EquilibriumTracker:
         self.equilibrium = {k: torch.zeros(n, dtype=torch.bool) for k, n in self.num_units.items()}
         self.layers = sorted({k[0] for k in self.keys})
         self.scale = {kind: math.nan for kind in config.unit_kinds}  # s_k of the relative rule at the last check
+        # NEqConfig.settle_fraction: the largest s_k so far, and whether the last check's s_k had fallen below
+        # settle_fraction of it (no new freezing otherwise)
+        self.scale_peak = {kind: math.nan for kind in config.unit_kinds}
+        self.settled = True
         self.layers_frozen = 0  # bottom layers frozen whole by the layer rule
         self.history: list[dict] = []
         # Bottom layers whose outputs cannot change (nothing in them or below them trains: the frozen prefix); a
@@ -136,8 +140,16 @@ class EquilibriumTracker:
 
     def _update_scale(self) -> None:
         """The scale of the relative rule: per kind, the largest per-layer median change (1 - phi) at this check."""
+        settled = True
         for kind in self.config.unit_kinds:
-            self.scale[kind] = relative_scale([self.phi[k] for k in self.keys if k[1] == kind])
+            s = relative_scale([self.phi[k] for k in self.keys if k[1] == kind])
+            self.scale[kind] = s
+            if s == s:
+                peak = self.scale_peak[kind]
+                self.scale_peak[kind] = s if not peak == peak else max(peak, s)
+                if self.config.settle_fraction > 0 and s > self.config.settle_fraction * self.scale_peak[kind]:
+                    settled = False
+        self.settled = settled
 
     def _decide(self) -> None:
         """Per-unit equilibrium, then the layer rule, then the masks."""
@@ -164,13 +176,19 @@ class EquilibriumTracker:
             fractions.append(
                 sum(int(self.equilibrium[k].sum()) for k in keys) / max(sum(self.num_units[k] for k in keys), 1)
             )
+        previous = self.layers_frozen
         self.layers_frozen = layer_rule(fractions, cfg.layer_threshold) if decide else 0
+        if decide and not self.settled:
+            # the movement gate (NEqConfig.settle_fraction): nothing new freezes, what is frozen may stay or go
+            self.layers_frozen = min(self.layers_frozen, previous)
         for key in self.keys:
             eq = self.equilibrium[key]
             if key[0] < self.layers_frozen:
                 eq = torch.ones_like(eq)
             elif self.granularity == "layer":
                 eq = torch.zeros_like(eq)
+            elif decide and not self.settled:
+                eq = eq & self.frozen[key]
             self.frozen[key] = (self.frozen[key] | eq) if cfg.pin_frozen else eq
 
     @staticmethod
@@ -215,6 +233,8 @@ class EquilibriumTracker:
             figures[f"one_minus_phi/{kind}"] = float((1 - finite).mean()) if finite.numel() else None
             scale = self.scale.get(kind, math.nan)
             figures[f"scale/{kind}"] = None if math.isnan(scale) else scale
+        if self.config.settle_fraction > 0:
+            figures["settled"] = int(self.settled)
         return figures
 
     # -- checkpointing ---------------------------------------------------------------------------------------
@@ -227,6 +247,8 @@ class EquilibriumTracker:
             "frozen": [self.frozen[k] for k in self.keys],
             "equilibrium": [self.equilibrium[k] for k in self.keys],
             "scale": dict(self.scale),
+            "scale_peak": dict(self.scale_peak),
+            "settled": self.settled,
             "layers_frozen": self.layers_frozen,
             "loss_start": self.loss_start,
             "gate_step": self.gate_step,
@@ -250,6 +272,8 @@ class EquilibriumTracker:
         # states written before the relative rule and the layer rule existed
         self.equilibrium = dict(zip(keys, state.get("equilibrium", state["frozen"])))
         self.scale = {**self.scale, **state.get("scale", {})}
+        self.scale_peak = {**self.scale_peak, **state.get("scale_peak", {})}
+        self.settled = state.get("settled", True)
         self.layers_frozen = state.get("layers_frozen", 0)
         self.loss_start, self.gate_step = state.get("loss_start"), state.get("gate_step")
         self.reference = {k: r.to(device) for k, r in zip(keys, state["reference"])} if state["reference"] else {}

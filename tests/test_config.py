@@ -100,6 +100,9 @@ def test_bool_strings_from_a_dict_or_the_command_line():
         ("check_every", True, "a boolean is not a schedule"),
         ("check_every", False, "a boolean is not a schedule"),
         ("holdout_size", 1.0, "ambiguous.*integer count.*fraction < 1"),
+        ("settle_fraction", -0.1, "0 <= settle_fraction <= 1"),
+        ("settle_fraction", 1.5, "0 <= settle_fraction <= 1"),
+        ("settle_fraction", True, "0 <= settle_fraction <= 1"),
     ],
 )
 def test_values_that_would_change_the_maths_or_fail_late_are_refused(field, value, message):

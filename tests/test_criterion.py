@@ -166,6 +166,67 @@ def test_a_frozen_bottom_layer_stays_frozen_when_the_network_slows_down():
     assert top > 0
 
 
+def _moving(tracker, bottom, top_change):
+    """1 - phi per key: layer 0 changes by ``bottom``, every layer above by ``top_change``."""
+    return {k: torch.full((tracker.num_units[k],), bottom if k[0] == 0 else top_change) for k in tracker.keys}
+
+
+def test_movement_gate_by_hand():
+    """settle_fraction 0.25: no new freezing at a check whose scale is above a quarter of the largest so far."""
+    unit_map = discover_units(tiny_classifier("bert"))
+    assert len(unit_map.layers) >= 2
+    cfg = NEqConfig(min_loss_drop=0, criterion="relative", eps_relative=0.1, layer_threshold=0.9, settle_fraction=0.25)
+    plain = EquilibriumTracker(unit_map, NEqConfig(min_loss_drop=0, eps_relative=0.1, layer_threshold=0.9))
+    gated = EquilibriumTracker(unit_map, cfg)
+    plain.t = gated.t = 1
+    # scale s = the upper layers' change; layer 0 changes by 1e-4 at every check (velocity 0 from the second check,
+    # 1 - phi < 0.1 s): at rest at every check after the first
+    expected = [  # (s, settled: s <= 0.25 * max so far, layers frozen by the gated tracker)
+        (0.04, False, 0),  # first decision: s is its own peak
+        (0.1, False, 0),  # a burst: peak 0.1
+        (0.02, True, 1),  # 0.02 <= 0.025: the bottom layer freezes
+        (0.2, False, 1),  # a new peak: nothing new freezes, nothing frozen is released
+        (0.04, True, 1),  # 0.04 <= 0.05
+    ]
+    for i, (s, settled, frozen) in enumerate(expected):
+        _step(plain, cfg, _moving(plain, 1e-4, s))
+        _step(gated, cfg, _moving(gated, 1e-4, s))
+        assert plain.layers_frozen == (1 if i else 0)  # without the gate: frozen from the second check on
+        assert gated.scale["neurons"] == pytest.approx(s, rel=1e-4)
+        assert gated.settled is settled and gated.layers_frozen == frozen
+        assert gated.history == [] and gated._figures(nonfinite=0)["settled"] == int(settled)
+    assert gated.scale_peak["neurons"] == pytest.approx(0.2, rel=1e-4)
+    assert "settled" not in plain._figures(nonfinite=0)
+
+
+def test_movement_gate_keeps_frozen_units_and_blocks_new_ones():
+    unit_map = discover_units(tiny_classifier("bert"))
+    cfg = NEqConfig(min_loss_drop=0, eps_relative=0.1, layer_threshold=1.0, granularity="unit", settle_fraction=0.5)
+    tracker = EquilibriumTracker(unit_map, cfg)
+    tracker.t = 1
+    key = (0, "neurons")
+
+    def changes(s, unit0, unit1):
+        out = {k: torch.full((tracker.num_units[k],), s) for k in tracker.keys}
+        out[key][0], out[key][1] = unit0, unit1
+        return out
+
+    # units 0 and 1 change by the same amount at every check (velocity 0): at rest while 1 - phi < 0.1 s
+    _step(tracker, cfg, changes(0.1, 1e-4, 0.003))  # first decision: s is its own peak, nothing freezes
+    assert not tracker.settled and not tracker.frozen[key][:2].any()
+    _step(tracker, cfg, changes(0.025, 1e-4, 0.003))  # settled (0.025 <= 0.05): unit 0 freezes; 0.003 > 0.0025
+    assert tracker.settled and tracker.frozen[key][:2].tolist() == [True, False]
+    _step(tracker, cfg, changes(0.08, 0.0, 0.003))  # a burst: unit 0 stays frozen, unit 1 at rest (0.003 < 0.008)
+    assert not tracker.settled and bool(tracker.equilibrium[key][1])
+    assert tracker.frozen[key][:2].tolist() == [True, False]  # ... but waits
+    _step(tracker, cfg, changes(0.04, 0.0, 0.003))  # settled again (0.04 <= 0.05): unit 1 freezes
+    assert tracker.settled and tracker.frozen[key][:2].tolist() == [True, True]
+    # the gate's state survives a checkpoint
+    again = EquilibriumTracker(unit_map, cfg)
+    again.load_state_dict(tracker.state_dict(), torch.device("cpu"))
+    assert again.scale_peak == tracker.scale_peak and again.settled is tracker.settled
+
+
 def test_layer_rule_is_bottom_up():
     assert layer_rule([1.0, 0.95, 0.97, 0.2], 0.9) == 3
     assert layer_rule([0.5, 1.0, 1.0], 0.9) == 0  # a settled upper layer does not freeze whole over a moving one
