@@ -29,14 +29,19 @@ TITLES = {"sst2": "SST-2", "mrpc": "MRPC"}
 PROFILE_NOTE = (
     "each layer's share of the run frozen (its average frozen fraction over the checks) weighs the step cost measured "
     "with the bottom k layers frozen (`step_time.py`, same sequence length, CPU time); the checks add their share; "
-    "the prediction is step cost / (1 − checks' share). The measured ratio is to the `full` run of the same seed; "
-    "runs of 500 steps are the longer run (`benchmarks/results/glue_long`)."
+    "the prediction is step cost / (1 − checks' share). The measured ratio is to the `full` run of the same seed in the "
+    "same folder of `benchmarks/results/`."
 )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid_dir", default=os.path.join(RESULTS, "glue"), help="results of the GLUE grid")
+    p.add_argument(
+        "--grid_dirs",
+        nargs="+",
+        default=[os.path.join(RESULTS, "glue"), os.path.join(RESULTS, "glue_rerun")],
+        help="results of the GLUE grid (each folder judged on its own: CPU-time ratios only within one folder)",
+    )
     p.add_argument("--long_dir", default=os.path.join(RESULTS, "glue_long"), help="results of the longer run")
     p.add_argument(
         "--step_time",
@@ -63,6 +68,7 @@ class Grid:
     """Runs of one results folder, compared by task and method over the seeds they share."""
 
     def __init__(self, folder: str, max_seq_length: int):
+        self.name = f"`{os.path.basename(os.path.normpath(folder))}`"
         self.runs = [r for r in glue_compare.load_results(folder) if r.get("max_seq_length") == max_seq_length]
 
     def of(self, task: str, method: str) -> list[dict]:
@@ -90,12 +96,12 @@ class Grid:
 def _speed_row(target: str, grid: Grid, task: str, method: str, baseline: str, limit: float, tolerance: float):
     c = grid.compare(task, method, baseline)
     if c is None:
-        return [target, f"`{method}`, {TITLES.get(task, task)}", "not measured", "–"]
+        return [target, grid.name, f"`{method}`, {TITLES.get(task, task)}", "not measured", "–"]
     fast, accurate = c["cpu"] <= limit, c["delta"] >= -tolerance
     met = "met" if fast and accurate else "missed (" + " and ".join(
         [w for w, bad in (("time", not fast), ("accuracy", not accurate)) if bad]) + ")"  # fmt: skip
     measured = f"{c['cpu']:.3f}× {baseline}'s CPU time, {c['delta']:+.1f} points (seeds {c['seeds']})"
-    return [target, f"`{method}`, {TITLES.get(task, task)}", measured, met]
+    return [target, grid.name, f"`{method}`, {TITLES.get(task, task)}", measured, met]
 
 
 def _dominance_row(grid: Grid, task: str) -> list[str]:
@@ -109,10 +115,17 @@ def _dominance_row(grid: Grid, task: str) -> list[str]:
         if fixed["cpu"] <= neq["cpu"] and fixed["accuracy"] >= neq["accuracy"]:
             beaten.append(f"k={k}")
     if not found:
-        return ["`neq` not dominated by `freeze_bottom` k=2 or 3", TITLES.get(task, task), "not measured", "–"]
+        return [
+            "`neq` not dominated by `freeze_bottom` k=2 or 3",
+            grid.name,
+            TITLES.get(task, task),
+            "not measured",
+            "–",
+        ]
     verdict = "met" if not beaten else f"missed (dominated by {' and '.join(beaten)})"
     return [
         "`neq` not dominated by `freeze_bottom` k=2 or 3",
+        grid.name,
         f"`neq` vs `freeze_bottom`, {TITLES.get(task, task)}",
         f"neq {neq['cpu']:.3f}×, {neq['delta']:+.1f}; " + "; ".join(found),
         verdict,
@@ -138,7 +151,9 @@ def _step_rows(path: str) -> list[list[str]]:
                 met &= ratio <= limit
         if measured:
             threads = data.get("meta", {}).get("threads", "?")
-            rows.append([f"step time, {title}: ≤ {limit:.2f}×", f"NEq's step (`step_time.py`, {threads} threads)",
+            inside = os.path.abspath(path).startswith(RESULTS + os.sep)
+            where = os.path.relpath(os.path.abspath(path), RESULTS) if inside else os.path.basename(path)
+            rows.append([f"step time, {title}: ≤ {limit:.2f}×", f"`{where}`", f"NEq's step, {threads} thread" + ("" if threads == 1 else "s"),
                          ", ".join(measured), "met" if met else "missed"])  # fmt: skip
     return rows
 
@@ -189,6 +204,7 @@ def profile_rows(grid: Grid, task: str, method: str, ratios: dict[int, float]) -
         measured = run["train_cpu_seconds"] / statistics.mean(r["train_cpu_seconds"] for r in base)
         frozen = ", ".join(f"{i}: {s:.0%}" for i, s in enumerate(shares) if s > 0) or "none"
         rows.append([
+            grid.name,
             f"`{method}`, {TITLES.get(task, task)}, seed {run['seed']}",
             f"{summary.get('gate_step', '–')} of {run['train_steps']}",
             frozen,
@@ -201,18 +217,24 @@ def profile_rows(grid: Grid, task: str, method: str, ratios: dict[int, float]) -
 
 
 def render(args) -> str:
-    grid, long = Grid(args.grid_dir, args.max_seq_length), Grid(args.long_dir, args.max_seq_length)
+    grids = [Grid(folder, args.max_seq_length) for folder in args.grid_dirs if os.path.isdir(folder)]
+    long = Grid(args.long_dir, args.max_seq_length)
     rows = []
-    for task in args.tasks:
-        rows.append(_speed_row("default: ≤ 0.85× full, within 0.5 points", grid, task, "neq", "full", 0.85, 0.5))
-    for task in args.tasks:
-        rows.append(_dominance_row(grid, task))
-    for task in args.tasks:
-        rows.append(_speed_row("fastest recommended: ≤ 0.70× full, within 1.0", grid, task, "neq_fast", "full", 0.70,
-                               1.0))  # fmt: skip
-    for task in args.tasks:
-        rows.append(_speed_row("NEq+LoRA default: ≤ 0.90× LoRA, within 0.5", grid, task, "neq_lora", "lora", 0.90,
-                               0.5))  # fmt: skip
+    for grid in grids:
+        for task in args.tasks:
+            rows.append(_speed_row("default: ≤ 0.85× full, within 0.5 points", grid, task, "neq", "full", 0.85, 0.5))
+    for grid in grids:
+        for task in args.tasks:
+            rows.append(_dominance_row(grid, task))
+    for grid in grids:
+        for task in args.tasks:
+            rows.append(_speed_row("fastest recommended: ≤ 0.70× full, within 1.0", grid, task, "neq_fast", "full",
+                                   0.70, 1.0))  # fmt: skip
+    for grid in grids:
+        for task in args.tasks:
+            rows.append(_speed_row("NEq+LoRA default: ≤ 0.90× LoRA, within 0.5", grid, task, "neq_lora", "lora",
+                                   0.90, 0.5))  # fmt: skip
+    rows = [row for row in rows if row[3] != "not measured"]
     for path in args.step_time:
         rows += _step_rows(path)
     # the longer run is not a target of its own: it shows whether the grid's picture holds over 500 steps
@@ -223,19 +245,19 @@ def render(args) -> str:
     ):
         baseline = "lora" if method == "neq_lora" else "full"
         row = _speed_row(target, long, "sst2", method, baseline, limit, tolerance)
-        if row[2] != "not measured":
+        if row[3] != "not measured":
             rows.append(row)
-    header = ["target", "setting", "measured", "verdict"]
+    header = ["target", "results", "setting", "measured", "verdict"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     ratios = _step_ratios(args.profile_step_time, args.max_seq_length)
     profile = []
-    for folder, tasks in ((grid, args.tasks), (long, ["sst2"])):
+    for folder, tasks in [(grid, args.tasks) for grid in grids] + [(long, ["sst2"])]:
         for task in tasks:
             for method in ("neq", "neq_fast"):
                 profile += profile_rows(folder, task, method, ratios)
     if profile and len(ratios) > 1:
-        header = ["run", "progress gate opened at step", "layer: share of the run frozen", "step cost (predicted)",
+        header = ["results", "run", "progress gate opened at step", "layer: share of the run frozen", "step cost (predicted)",
                   "checks' share of the time", "CPU time vs full (predicted)", "CPU time vs full (measured)"]  # fmt: skip
         lines += ["", "Where the time goes: " + PROFILE_NOTE, "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
