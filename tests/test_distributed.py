@@ -121,6 +121,24 @@ def test_ddp_checks_wait_for_the_same_loss_on_every_process(tmp_path):
     assert r0["records"] and r0["records"][0]["step"] > 0  # no reference check at step 0
 
 
+def test_ddp_movement_gate_agrees_across_processes(tmp_path):
+    """NEqConfig.settle_fraction: the scale comes from the all-reduced similarity sums, so every process holds back
+    the same checks and freezes the same units."""
+    result = run_neq(tmp_path, *BERT_RUN, "--settle_fraction", "0.5")
+    assert_ok(result)
+    r0, r1 = load_ranks(tmp_path)
+    assert r0["violations"] == [] and r1["violations"] == []
+    for key in ("step", "settled", "digest", "params_digest"):
+        assert [r[key] for r in r0["records"]] == [r[key] for r in r1["records"]], key
+    settled = [r["settled"] for r in r0["records"][1:]]
+    assert settled[0] == 0 and r0["records"][1]["frozen_fraction"] == 0  # first decision: the scale is its own peak
+    assert 1 in settled and r0["records"][-1]["frozen_fraction"] > 0  # ... and freezing comes once it falls
+    # nothing newly frozen at a check the gate held back
+    for before, after in zip(r0["records"][1:], r0["records"][2:]):
+        if after["settled"] == 0:
+            assert all(a <= b for k in after["frozen"] for a, b in zip(after["frozen"][k], before["frozen"][k]))
+
+
 def test_ddp_tensors_switched_to_no_grad_mid_training(bert_run):
     # Whole tensors leave DDP's graph while training goes on: without find_unused_parameters=True this raises
     # "Expected to have finished reduction" (or hangs) at the next backward.

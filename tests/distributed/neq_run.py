@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--checks_from_loss_drop", type=float, default=0.0, help="NEqConfig.checks_from_loss_drop (0: from step 0)"
     )
+    p.add_argument(
+        "--settle_fraction", type=float, default=0.0, help="NEqConfig.settle_fraction (0: no movement gate)"
+    )
     p.add_argument("--batch_size", type=int, default=4, help="per process")
     p.add_argument("--train_samples", type=int, default=160)
     p.add_argument("--holdout_samples", type=int, default=24)
@@ -156,6 +159,7 @@ class Probe(TrainerCallback):
                 "params_digest": params_digest,
                 "frozen_fraction": last["frozen_fraction"],
                 "held": last.get("held"),
+                "settled": last.get("settled"),
                 "loss_start": tracker.loss_start,
                 "gate_step": tracker.gate_step,
                 "stop_layer": cb.freezer.stop_layer,
@@ -231,6 +235,7 @@ def main(argv=None):
     config = NEqConfig(
         min_loss_drop=args.min_loss_drop,
         checks_from_loss_drop=args.checks_from_loss_drop,
+        settle_fraction=args.settle_fraction,
         criterion="absolute",
         layer_threshold=1.0,
         granularity="unit",
