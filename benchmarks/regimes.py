@@ -33,7 +33,6 @@ VARIATIONS = {  # name -> glue_compare arguments (SST-2, seed 0, full vs neq)
     "length_x0.5": ["--epochs", "1"],
     "length_x2": ["--epochs", "4"],
 }
-README_START, README_END = "<!-- regimes:start -->", "<!-- regimes:end -->"
 
 
 def parse_args(argv=None):
@@ -160,11 +159,7 @@ def main(argv=None) -> int:
         f.write(text)
     print(text)
     if args.readme:
-        with open(args.readme) as f:
-            readme = f.read()
-        start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
-        with open(args.readme, "w") as f:
-            f.write(readme[:start] + "\n" + text + readme[end:])
+        glue_compare.update_readme(args.readme, text, "regimes")
     return 0
 
 

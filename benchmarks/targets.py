@@ -24,7 +24,6 @@ import glue_compare  # noqa: E402
 
 ROOT = glue_compare.ROOT
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-README_START, README_END = "<!-- targets:start -->", "<!-- targets:end -->"
 TITLES = {"sst2": "SST-2", "mrpc": "MRPC"}
 PROFILE_NOTE = (
     "each layer's share of the run frozen (its average frozen fraction over the checks) weighs the step cost measured "
@@ -276,13 +275,7 @@ def main(argv=None) -> int:
         f.write(text)
     print(text)
     if args.readme:
-        with open(args.readme) as f:
-            readme = f.read()
-        if README_START not in readme or README_END not in readme:
-            raise SystemExit(f"{args.readme} has no {README_START} ... {README_END} block to replace")
-        start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
-        with open(args.readme, "w") as f:
-            f.write(readme[:start] + "\n" + text + readme[end:])
+        glue_compare.update_readme(args.readme, text, "targets")
     return 0
 
 
