@@ -459,6 +459,7 @@ def describe(results: list[dict], tasks: list[str], groups: dict, results_dir: s
         c = run["neq"]["config"]
         rule = (
             f"relative rule, eps_relative {c['eps_relative']:g}"
+            + (f" (|v| capped at {c['eps_relative_max']:g})" if c.get("eps_relative_max") else " (no cap on |v|)")
             if c.get("criterion", "absolute") == "relative"
             else f"absolute rule, eps {c['eps']:g}"
         )

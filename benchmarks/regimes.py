@@ -56,7 +56,11 @@ def _load(folder: str) -> list[dict]:
     return glue_compare.load_results(folder)
 
 
-def _row(name: str, runs: list[dict], baseline: str, method: str) -> Optional[list[str]]:
+def _row(
+    name: str, runs: list[dict], baseline: str, method: str, timing: Optional[list[dict]] = None
+) -> Optional[list[str]]:
+    """One table row: ``method`` against ``baseline`` over the seeds of ``method``; ``timing``: further baseline runs
+    (the same seeds, made on the method's occasion) used only to pair CPU times."""
     base = [r for r in runs if r["method"] == baseline]
     neq = [r for r in runs if r["method"] == method]
     if not base or not neq:
@@ -75,7 +79,8 @@ def _row(name: str, runs: list[dict], baseline: str, method: str) -> Optional[li
         frozen = "bottom layers, from step 0"
     # CPU time only between runs of one occasion: the machine's speed moved by up to 2x between occasions (results
     # installed from a later occasion carry an "occasion" field; the earlier ones none)
-    paired = [(r, b) for r in neq for b in base if b["seed"] == r["seed"] and r.get("occasion") == b.get("occasion")]
+    timed = base + [r for r in timing or [] if r["method"] == baseline]
+    paired = [(r, b) for r in neq for b in timed if b["seed"] == r["seed"] and r.get("occasion") == b.get("occasion")]
     if not paired:
         paired = list(zip(neq, base))
     cpu = statistics.mean(r["train_cpu_seconds"] for r, _ in paired) / statistics.mean(
@@ -89,6 +94,10 @@ def _row(name: str, runs: list[dict], baseline: str, method: str) -> Optional[li
         # runs made before NEqConfig.min_loss_drop existed had no progress gate
         if not any(r["neq"]["config"].get("min_loss_drop") for r in neq):
             method += " (no gate)"
+        # runs made before the cap on the relative rule's |v| (NEqConfig.eps_relative_max) existed
+        configs = [r["neq"]["config"] for r in neq]
+        if all(c.get("criterion") == "relative" and not c.get("eps_relative_max") for c in configs):
+            method += " (no velocity cap)"
     return [name, f"{baseline} → {method}", seeds, f"{metric} {b:.1f} → {n:.1f}", f"{n - b:+.1f}",
             frozen, cpu_text]  # fmt: skip
 
@@ -107,16 +116,27 @@ def render(args) -> str:
             if row:
                 lines.append("| " + " | ".join(row) + " |")
     for name in VARIATIONS:
-        runs = _load(os.path.join(args.results_dir, name))
+        folder = os.path.join(args.results_dir, name)
+        runs = _load(folder)
+        # full fine-tuning runs made beside later NEq runs, for their CPU time only (their accuracy is that of the
+        # same seed's run in `folder`: it is deterministic per seed here)
+        timing = _load(os.path.join(folder, "full_beside"))
         # where present: neq_unit (the default's decisions with units frozen one by one as well: the default of the
         # previous version), neq_heldout (the default with the probes removed from training), neq_fast (the fastest
         # recommended setting), neq_control (the held-out probes removed from training, the checks, nothing frozen:
         # the spread that is not freezing's), freeze_bottom2 (what a fixed freeze costs there) and neq_cache (the
         # default with the frozen-prefix cache)
+        title = f"MiniLM SST-2, full, {name.replace('_x', ' ×')}"
         for method in ("neq", "neq_cache", "neq_unit", "neq_heldout", "neq_fast", "neq_control", "freeze_bottom2"):
-            row = _row(f"MiniLM SST-2, full, {name.replace('_x', ' ×')}", runs, "full", method)
+            row = _row(title, runs, "full", method, timing)
             if row:
                 lines.append("| " + " | ".join(row) + " |")
+            if method == "neq":
+                # the default as it was before the cap on |v| (NEqConfig.eps_relative_max), where it decided otherwise
+                no_cap = [r for r in _load(os.path.join(folder, "no_cap")) if r["method"] == "neq"]
+                row = _row(title, [r for r in runs if r["method"] == "full"] + no_cap, "full", "neq", timing)
+                if row and no_cap:
+                    lines.append("| " + " | ".join(row) + " |")
     if os.path.isfile(args.smollm2):
         with open(args.smollm2) as f:
             sm = json.load(f)
@@ -137,7 +157,41 @@ def render(args) -> str:
                     f"{neq['train_cpu_seconds'] / base['train_cpu_seconds']:.2f}×",
                 ]) + " |"
             )  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _cap_check(grid, _load(os.path.join(args.results_dir, "grid_cap")))
+
+
+_DECISIONS = ("final_frozen_fraction", "average_frozen_fraction", "gate_step", "average_per_layer/heads",
+              "average_per_layer/neurons")  # fmt: skip
+
+
+def _cap_check(grid: list[dict], reruns: list[dict]) -> str:
+    """Whether reruns of grid runs with the cap on |v| (NEqConfig.eps_relative_max) took the grid runs' decisions:
+    the same metrics, frozen fractions (final, average, per layer) and gate step."""
+    if not reruns:
+        return ""
+    by_key = {(r["task"], r["method"], r["seed"]): r for r in grid}
+    same, differ = [], []
+    for r in sorted(reruns, key=lambda r: (r["task"], r["method"], r["seed"])):
+        old = by_key.get((r["task"], r["method"], r["seed"]))
+        if old is None or "neq" not in r:
+            continue
+        name = f"{r['task']} {r['method']} seed {r['seed']}"
+        a, b = r["neq"]["summary"], old["neq"]["summary"]
+        if r["metrics"] == old["metrics"] and all(a.get(k) == b.get(k) for k in _DECISIONS):
+            same.append(name)
+        else:
+            metric = next(iter(r["metrics"]))
+            differ.append(
+                f"{name} ({metric} {old['metrics'][metric] * 100:.1f} → {r['metrics'][metric] * 100:.1f}, average "
+                f"frozen {b['average_frozen_fraction']:.0%} → {a['average_frozen_fraction']:.0%})"
+            )
+    caps = sorted({r["neq"]["config"].get("eps_relative_max", 0.0) for r in reruns if "neq" in r})
+    text = f"\nThe grid's NEq runs again with the cap on |v| (eps_relative_max {', '.join(f'{c:g}' for c in caps)}):"
+    if same:
+        text += f" the same metrics, frozen fractions (final, average, per layer) and gate step: {', '.join(same)}."
+    if differ:
+        text += f" Other decisions: {'; '.join(differ)}."
+    return text + "\n"
 
 
 def main(argv=None) -> int:

@@ -589,6 +589,8 @@ class NEq:
             rule = f"lower NEqConfig.eps (now {cfg.eps:g}) or use criterion='relative' (scale-free)"
         else:
             rule = f"lower NEqConfig.eps_relative (now {cfg.eps_relative:g})"
+            if cfg.eps_relative_max > 0:
+                rule += f" or NEqConfig.eps_relative_max (now {cfg.eps_relative_max:g})"
         if cfg.layer_threshold < 1:
             rule += f", raise NEqConfig.layer_threshold (now {cfg.layer_threshold:g}: whole layers freeze from there)"
         size = f"{self.holdout_size} samples" if self.holdout_size is not None else "its size"

@@ -53,6 +53,9 @@ class EquilibriumTracker:
         self.scale_peak = {kind: math.nan for kind in config.unit_kinds}
         self.settled = True
         self.layers_frozen = 0  # bottom layers frozen whole by the layer rule
+        # per unit group, the units at rest by the relative rule that NEqConfig.eps_relative_max kept from it at the
+        # last check
+        self.capped: dict[Key, int] = {}
         self.history: list[dict] = []
         # Bottom layers whose outputs cannot change (nothing in them or below them trains: the frozen prefix); a
         # held-out pass may leave them out, set by the caller for the duration of a check.
@@ -155,6 +158,7 @@ class EquilibriumTracker:
         """Per-unit equilibrium, then the layer rule, then the masks."""
         cfg = self.config
         decide = self.t >= cfg.warmup + 1 and not self.hold
+        self.capped = {}
         for key in self.keys:
             if not decide:
                 eq = torch.zeros(self.num_units[key], dtype=torch.bool)
@@ -165,7 +169,13 @@ class EquilibriumTracker:
                 # previous decisions rather than reading "no scale" as "nothing at rest"
                 eq = self.equilibrium[key]
             else:
-                eq = relative_equilibrium(self.v[key], self.phi[key], self.scale[key[1]], cfg.eps_relative)
+                scale = self.scale[key[1]]
+                eq = relative_equilibrium(self.v[key], self.phi[key], scale, cfg.eps_relative, cfg.eps_relative_max)
+                if cfg.eps_relative_max > 0:
+                    # units the cap alone kept from being at rest (reported per check as `capped`)
+                    self.capped[key] = int(
+                        (relative_equilibrium(self.v[key], self.phi[key], scale, cfg.eps_relative) & ~eq).sum()
+                    )
                 # A frozen unit stays at rest while its output does not move: its velocity right after freezing
                 # measures the freeze itself (its own updates stopped), not a change of the unit.
                 eq = eq | (self.frozen[key] & still(self.phi[key], self.scale[key[1]], cfg.eps_relative))
@@ -235,6 +245,10 @@ class EquilibriumTracker:
             figures[f"scale/{kind}"] = None if math.isnan(scale) else scale
         if self.config.settle_fraction > 0:
             figures["settled"] = int(self.settled)
+        if self.config.criterion == "relative" and self.config.eps_relative_max > 0:
+            for kind in kinds:
+                den = sum(self.num_units[k] for k in self.keys if k[1] == kind)
+                figures[f"capped/{kind}"] = sum(n for k, n in self.capped.items() if k[1] == kind) / max(den, 1)
         return figures
 
     # -- checkpointing ---------------------------------------------------------------------------------------

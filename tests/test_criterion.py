@@ -85,6 +85,59 @@ def test_relative_rule_by_hand():
     assert not relative_equilibrium(v, phi, scale=float("nan"), eps_relative=0.1).any()
 
 
+def test_velocity_cap_by_hand():
+    """eps_relative_max caps the velocity threshold: |v| < min(eps_rel * s, cap); the change condition is unchanged."""
+    v = torch.tensor([0.002, 0.004, 0.004, 0.02, 0.002])
+    phi = torch.tensor([0.999, 0.999, 0.95, 0.999, 0.9999])
+    # uncapped limit 0.1 * 0.1 = 0.01: units 0, 1, 4 at rest (unit 2 moves, unit 3 accelerates)
+    assert relative_equilibrium(v, phi, scale=0.1, eps_relative=0.1).tolist() == [True, True, False, False, True]
+    # capped at 3e-3: unit 1 (|v| = 0.004) no longer at rest
+    capped = relative_equilibrium(v, phi, scale=0.1, eps_relative=0.1, velocity_max=3e-3)
+    assert capped.tolist() == [True, False, False, False, True]
+    # a cap above eps_rel * s changes nothing: at a small scale the rule is the relative one exactly
+    g = torch.Generator().manual_seed(0)
+    v, phi = 1e-3 * torch.randn(1000, generator=g), 1 - 1e-3 * torch.rand(1000, generator=g)
+    for scale in (1e-3, 0.01, 0.03):
+        plain = relative_equilibrium(v, phi, scale, 0.1)
+        assert plain.any()
+        assert torch.equal(relative_equilibrium(v, phi, scale, 0.1, velocity_max=3e-3), plain)
+    # ... and with a large scale the cap is the limit: the absolute rule at the cap, among units that do not move
+    scale = 1.0
+    assert torch.equal(
+        relative_equilibrium(v, phi, scale, 0.1, velocity_max=3e-4), at_equilibrium(v, 3e-4) & still(phi, scale, 0.1)
+    )
+
+
+def test_velocity_cap_in_the_tracker_and_its_figure():
+    """The default cap (3e-3) holds back units that are slow only against a fast top; the history counts them."""
+    unit_map = discover_units(tiny_classifier("bert"))
+    capped_cfg = NEqConfig(min_loss_drop=0, eps_relative=0.1, layer_threshold=0.9)
+    assert capped_cfg.eps_relative_max == 3e-3
+    plain_cfg = NEqConfig(min_loss_drop=0, eps_relative=0.1, layer_threshold=0.9, eps_relative_max=0)
+    capped, plain = EquilibriumTracker(unit_map, capped_cfg), EquilibriumTracker(unit_map, plain_cfg)
+    capped.t = plain.t = 1
+
+    def moving(tracker, bottom):
+        # layer 0 changes by ``bottom[t]`` (its velocity: the differences), the layers above by 0.2 (s = 0.2)
+        return {k: torch.full((tracker.num_units[k],), bottom if k[0] == 0 else 0.2) for k in tracker.keys}
+
+    # layer 0: 1 - phi = 0.001 then 0.006 then 0.006: velocity -0.005 at the second check (|v| < 0.1 x 0.2 = 0.02
+    # but above the cap 0.003), then 0.0025 (mu = 0.5: 0 - 0.5 x -0.005; under the cap)
+    for bottom, plain_frozen, capped_frozen in ((0.001, 0, 0), (0.006, 1, 0), (0.006, 1, 1)):
+        _step(plain, plain_cfg, moving(plain, bottom))
+        _step(capped, capped_cfg, moving(capped, bottom))
+        assert (plain.layers_frozen, capped.layers_frozen) == (plain_frozen, capped_frozen)
+    figures = capped._figures(nonfinite=0)
+    assert figures["capped/neurons"] == 0 and "capped/neurons" not in plain._figures(nonfinite=0)
+    capped2 = EquilibriumTracker(unit_map, capped_cfg)
+    capped2.t = 1
+    _step(capped2, capped_cfg, moving(capped2, 0.001))
+    _step(capped2, capped_cfg, moving(capped2, 0.006))
+    n0 = capped2.num_units[(0, "neurons")]
+    total = sum(capped2.num_units[k] for k in capped2.keys if k[1] == "neurons")
+    assert capped2._figures(nonfinite=0)["capped/neurons"] == pytest.approx(n0 / total)
+
+
 def test_still_by_hand():
     phi = torch.tensor([1.0, 0.999, 0.99, float("nan")])
     # limit = 0.1 * 0.05 = 0.005: 1 - phi = 0, 0.001 stay; 0.01 moves; NaN undefined
