@@ -157,19 +157,52 @@ def render(args) -> str:
                     f"{neq['train_cpu_seconds'] / base['train_cpu_seconds']:.2f}×",
                 ]) + " |"
             )  # fmt: skip
-    return "\n".join(lines) + "\n" + _cap_check(grid, _load(os.path.join(args.results_dir, "grid_cap")))
+    # reruns with the cap on |v| of runs made before it existed: the grid's (`grid_cap/`) and the variations'
+    # (`<variation>/cap_check/`)
+    checks = [("the GLUE grid", grid, _load(os.path.join(args.results_dir, "grid_cap")))]
+    for name in VARIATIONS:
+        folder = os.path.join(args.results_dir, name)
+        title = f"SST-2 at {name.replace('_x', ' ×')}"
+        checks.append((title, _load(folder), _load(os.path.join(folder, "cap_check"))))
+    text = "\n".join(lines) + "\n" + "".join(_cap_check(*check) for check in checks)
+    return text + _smollm2_cap_check(
+        args.smollm2, os.path.join(args.results_dir, "smollm2_cap_check", "smollm2_sst2.json")
+    )
+
+
+def _smollm2_cap_check(path: str, rerun_path: str) -> str:
+    """The SmolLM2 run again with the cap on |v|: the same accuracy and frozen fractions as the row above?"""
+    if not (os.path.isfile(path) and os.path.isfile(rerun_path)):
+        return ""
+    with open(path) as f, open(rerun_path) as g:
+        old, new = ({r["run"]: r for r in json.load(h)["runs"]} for h in (f, g))
+    if "neq_lora" not in old or "neq_lora" not in new:
+        return ""
+    cap = new["neq_lora"].get("neq_config", {}).get("eps_relative_max", 0.0)
+    keys = ("final_frozen_fraction", "average_frozen_fraction")
+    same = all(old[k]["dev_accuracy"] == new[k]["dev_accuracy"] for k in ("lora", "neq_lora")) and all(
+        old["neq_lora"].get("neq", {}).get(k) == new["neq_lora"].get("neq", {}).get(k) for k in keys
+    )
+    a, b = old["neq_lora"], new["neq_lora"]
+    verdict = (
+        "the same accuracy and frozen fractions"
+        if same
+        else f"accuracy {a['dev_accuracy'] * 100:.1f} → {b['dev_accuracy'] * 100:.1f}, average frozen "
+        f"{a.get('neq', {}).get('average_frozen_fraction', 0):.0%} → {b.get('neq', {}).get('average_frozen_fraction', 0):.0%}"
+    )
+    return f"\nThe SmolLM2 run again with the cap on |v| (eps_relative_max {cap:g}): {verdict}.\n"
 
 
 _DECISIONS = ("final_frozen_fraction", "average_frozen_fraction", "gate_step", "average_per_layer/heads",
               "average_per_layer/neurons")  # fmt: skip
 
 
-def _cap_check(grid: list[dict], reruns: list[dict]) -> str:
-    """Whether reruns of grid runs with the cap on |v| (NEqConfig.eps_relative_max) took the grid runs' decisions:
+def _cap_check(title: str, runs: list[dict], reruns: list[dict]) -> str:
+    """Whether reruns with the cap on |v| (NEqConfig.eps_relative_max) of runs made before it took their decisions:
     the same metrics, frozen fractions (final, average, per layer) and gate step."""
     if not reruns:
         return ""
-    by_key = {(r["task"], r["method"], r["seed"]): r for r in grid}
+    by_key = {(r["task"], r["method"], r["seed"]): r for r in runs}
     same, differ = [], []
     for r in sorted(reruns, key=lambda r: (r["task"], r["method"], r["seed"])):
         old = by_key.get((r["task"], r["method"], r["seed"]))
@@ -186,7 +219,7 @@ def _cap_check(grid: list[dict], reruns: list[dict]) -> str:
                 f"frozen {b['average_frozen_fraction']:.0%} → {a['average_frozen_fraction']:.0%})"
             )
     caps = sorted({r["neq"]["config"].get("eps_relative_max", 0.0) for r in reruns if "neq" in r})
-    text = f"\nThe grid's NEq runs again with the cap on |v| (eps_relative_max {', '.join(f'{c:g}' for c in caps)}):"
+    text = f"\nNEq runs of {title} again with the cap on |v| (eps_relative_max {', '.join(f'{c:g}' for c in caps)}):"
     if same:
         text += f" the same metrics, frozen fractions (final, average, per layer) and gate step: {', '.join(same)}."
     if differ:

@@ -59,8 +59,9 @@ def test_rows_pair_cpu_time_by_occasion_and_name_runs_without_the_cap(tmp_path):
 def test_cap_check_reports_same_and_other_decisions(tmp_path):
     grid = [_run("neq", 0, 0.79, 90.0), _run("neq", 1, 0.78, 90.0)]
     reruns = [_run("neq", 0, 0.79, 60.0, cap=3e-3), _run("neq", 1, 0.785, 60.0, cap=3e-3, frozen=0.2)]
-    text = regimes._cap_check(grid, reruns)
+    text = regimes._cap_check("the GLUE grid", grid, reruns)
     assert "eps_relative_max 0.003" in text
     assert "gate step: sst2 neq seed 0." in text
     assert "Other decisions: sst2 neq seed 1 (accuracy 78.0 → 78.5, average frozen 25% → 20%)." in text
-    assert regimes._cap_check(grid, []) == ""
+    assert text.startswith("\nNEq runs of the GLUE grid again with the cap")
+    assert regimes._cap_check("the GLUE grid", grid, []) == ""
