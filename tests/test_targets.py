@@ -59,7 +59,7 @@ def _rows(table: str) -> list[list[str]]:
 
 
 def test_verdicts_need_both_time_and_accuracy(results):
-    args = targets.parse_args(["--grid_dirs", str(results / "glue"), "--long_dir", str(results / "none"),
+    args = targets.parse_args(["--grid_dirs", str(results / "glue"), "--long_dirs", str(results / "none"),
                                "--step_time", str(results / "step_time.json"), "--profile_step_time",
                                str(results / "step_time.json"), "--tasks", "sst2"])  # fmt: skip
     rows = {(r[0], r[2]): r[:1] + r[2:] for r in _rows(targets.render(args)) if r[0] != "target"}
@@ -79,7 +79,7 @@ def test_verdicts_need_both_time_and_accuracy(results):
 
 
 def test_profile_weighs_the_bottom_k_step_costs_by_time_frozen(results):
-    args = targets.parse_args(["--grid_dirs", str(results / "glue"), "--long_dir", str(results / "none"),
+    args = targets.parse_args(["--grid_dirs", str(results / "glue"), "--long_dirs", str(results / "none"),
                                "--step_time", str(results / "step_time.json"), "--profile_step_time",
                                str(results / "step_time.json"), "--tasks", "sst2"])  # fmt: skip
     profile = [r[1:] for r in _rows(targets.render(args)) if r[0] == "`glue`" and r[1].startswith("`neq`, SST-2")]
@@ -93,7 +93,7 @@ def test_profile_weighs_the_bottom_k_step_costs_by_time_frozen(results):
 def test_readme_block_is_replaced(results, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- targets:start -->\nSTALE BLOCK\n<!-- targets:end -->\nrest\n")
-    targets.main(["--grid_dirs", str(results / "glue"), "--long_dir", str(results / "none"), "--step_time",
+    targets.main(["--grid_dirs", str(results / "glue"), "--long_dirs", str(results / "none"), "--step_time",
                   str(results / "step_time.json"), "--profile_step_time", str(results / "step_time.json"), "--tasks",
                   "sst2", "--output", str(tmp_path / "t.md"), "--readme", str(readme)])  # fmt: skip
     text = readme.read_text()
