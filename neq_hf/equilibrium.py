@@ -31,7 +31,8 @@ it cannot bring back the collapse of the absolute rule (LoRA, a small learning r
 and the rule is the relative one). It binds where the network moves fast: at twice the GLUE grid's learning rate,
 eps_rel * s was 4e-3 to 1.7e-2 at the checks where the bottom layer froze, at the grid's learning rate about 2e-3, and
 the relative rule alone then froze the bottom layers in the middle of bursts of learning of the top and cost 0.8
-points of accuracy over ten seeds (README, "Does the default hold in every regime?").
+points of accuracy over ten seeds (README, "Does the default hold in every regime?"). It is not interval-free: checks
+further apart see larger changes, so it also binds in longer runs (fewer units frozen there).
 
 A unit already frozen stays frozen while ``(1 - phi_i^t) < eps_rel * s_k^t`` (its output does not move), whatever its
 velocity: when a unit freezes, its own updates stop, so its phi jumps towards 1 and the next velocities measure that
