@@ -169,13 +169,13 @@ class EquilibriumTracker:
                 # previous decisions rather than reading "no scale" as "nothing at rest"
                 eq = self.equilibrium[key]
             else:
-                scale = self.scale[key[1]]
-                eq = relative_equilibrium(self.v[key], self.phi[key], scale, cfg.eps_relative, cfg.eps_relative_max)
+                eq = relative_equilibrium(self.v[key], self.phi[key], self.scale[key[1]], cfg.eps_relative)
                 if cfg.eps_relative_max > 0:
-                    # units the cap alone kept from being at rest (reported per check as `capped`)
-                    self.capped[key] = int(
-                        (relative_equilibrium(self.v[key], self.phi[key], scale, cfg.eps_relative) & ~eq).sum()
-                    )
+                    # the cap on the velocity threshold; the units it alone kept from being at rest are reported per
+                    # check as `capped`
+                    capped = eq & ~(self.v[key].abs() < cfg.eps_relative_max)
+                    self.capped[key] = int(capped.sum())
+                    eq = eq & ~capped
                 # A frozen unit stays at rest while its output does not move: its velocity right after freezing
                 # measures the freeze itself (its own updates stopped), not a change of the unit.
                 eq = eq | (self.frozen[key] & still(self.phi[key], self.scale[key[1]], cfg.eps_relative))

@@ -157,3 +157,13 @@ def paper_rule(**overrides):
 
     config = {"min_loss_drop": 0, "criterion": "absolute", "layer_threshold": 1.0, "granularity": "unit"}
     return NEqConfig(**{**config, **overrides})
+
+
+def write_results(folder, runs):
+    """Result files as `benchmarks/glue_compare.py` names them: `<task>_<method>_seed<k>.json`."""
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    for r in runs:
+        with open(os.path.join(folder, f"{r['task']}_{r['method']}_seed{r['seed']}.json"), "w") as f:
+            json.dump(r, f)

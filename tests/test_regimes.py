@@ -3,9 +3,10 @@ result files (nothing is run)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+
+from conftest import write_results
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
@@ -26,26 +27,19 @@ def _run(method, seed, accuracy, cpu, cap=None, occasion=None, frozen=0.25):
     return run
 
 
-def _write(folder, runs):
-    os.makedirs(folder, exist_ok=True)
-    for r in runs:
-        with open(os.path.join(folder, f"{r['task']}_{r['method']}_seed{r['seed']}.json"), "w") as f:
-            json.dump(r, f)
-
-
 def _rows(text):
     return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
 
 
 def test_rows_pair_cpu_time_by_occasion_and_name_runs_without_the_cap(tmp_path):
     grid, out = tmp_path / "glue", tmp_path / "regimes"
-    _write(grid, [_run("full", 0, 0.80, 100.0), _run("neq", 0, 0.79, 90.0, cap=None)])
+    write_results(grid, [_run("full", 0, 0.80, 100.0), _run("neq", 0, 0.79, 90.0, cap=None)])
     folder = out / "lr_x2"
-    _write(folder, [_run("full", 0, 0.80, 100.0), _run("full", 1, 0.82, 100.0),
+    write_results(folder, [_run("full", 0, 0.80, 100.0), _run("full", 1, 0.82, 100.0),
                     _run("neq", 0, 0.80, 45.0, cap=3e-3, occasion="b"), _run("neq", 1, 0.81, 40.0, cap=3e-3, occasion="b")])  # fmt: skip
     # full fine-tuning made beside the capped runs: CPU time only (seed 1 only)
-    _write(folder / "full_beside", [_run("full", 1, 0.82, 50.0, occasion="b")])
-    _write(folder / "no_cap", [_run("neq", 0, 0.78, 90.0, cap=None), _run("neq", 1, 0.80, 85.0, cap=None)])
+    write_results(folder / "full_beside", [_run("full", 1, 0.82, 50.0, occasion="b")])
+    write_results(folder / "no_cap", [_run("neq", 0, 0.78, 90.0, cap=None), _run("neq", 1, 0.80, 85.0, cap=None)])
     args = regimes.parse_args(["--grid_dir", str(grid), "--results_dir", str(out), "--smollm2", str(tmp_path / "x")])
     rows = _rows(regimes.render(args))[1:]  # below the header
     assert rows[0][1] == "full → neq (no velocity cap)"  # the grid's run predates the cap

@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+from conftest import write_results
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
@@ -21,19 +22,12 @@ def _run(task, method, seed, accuracy, cpu, summary=None):
     return run
 
 
-def _write(folder, runs):
-    os.makedirs(folder, exist_ok=True)
-    for r in runs:
-        with open(os.path.join(folder, f"{r['task']}_{r['method']}_seed{r['seed']}.json"), "w") as f:
-            json.dump(r, f)
-
-
 @pytest.fixture
 def results(tmp_path):
     summary = {"average_per_layer/neurons": {"0": 0.5, "1": 0.25, "2": 0.0}, "check_time_fraction": 0.05,
                "gate_step": 36}  # fmt: skip
     grid = tmp_path / "glue"
-    _write(grid, [
+    write_results(grid, [
         _run("sst2", "full", 0, 0.800, 100.0), _run("sst2", "full", 1, 0.790, 100.0),
         # 0.84x, -0.4 points: met
         _run("sst2", "neq", 0, 0.795, 84.0, summary), _run("sst2", "neq", 1, 0.787, 84.0, summary),
